@@ -1,0 +1,416 @@
+"""B-LoRA on SDXL: content and style LoRA on two attention blocks of the first up-block, from one image.
+
+Frenkel et al., "Implicit Style-Content Separation using B-LoRA" (ECCV 2024). LoRA is trained jointly on
+`up_blocks.0.attentions.0` (content) and `up_blocks.0.attentions.1` (style), on `to_q/to_k/to_v/to_out.0` of
+both self- and cross-attention in every transformer layer, with the prompt `A [v]`, rank 64, AdamW at 5e-5
+and 1000 steps. After training, each block's half is an adapter of its own.
+
+The recipe below is data (blocks, projections, defaults) plus the functions the shared training loop calls.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipelines.training import TrainConfig, weight_dtype_for
+
+CONTENT_BLOCK = "up_blocks.0.attentions.0"
+STYLE_BLOCK = "up_blocks.0.attentions.1"
+BLOCKS = {"content": CONTENT_BLOCK, "style": STYLE_BLOCK}
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER_NAME = "blora"
+
+
+@dataclass
+class BLoRASettings:
+    """Everything that defines a B-LoRA training run beyond the loop's own settings."""
+
+    token: str = "[v]"
+    prompt_template: str = "A {token}"
+    rank: int = 64
+    resolution: int = 1024
+    projections: tuple[str, ...] = PROJECTIONS
+    blocks: dict[str, str] = field(default_factory=lambda: dict(BLOCKS))
+
+    @property
+    def prompt(self) -> str:
+        return self.prompt_template.format(token=self.token)
+
+
+def default_train_config(**overrides: Any) -> TrainConfig:
+    """The official recipe: AdamW at 5e-5 (weight decay 1e-4, clip 1.0), 1000 steps, seed 0."""
+    config = TrainConfig(steps=1000, learning_rate=5e-5, weight_decay=1e-4, max_grad_norm=1.0, seed=0)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def target_modules(unet: torch.nn.Module, blocks: dict[str, str] | None = None,
+                   projections: tuple[str, ...] = PROJECTIONS) -> list[str]:
+    """Full names of the Linear layers B-LoRA trains: every attention projection inside the given blocks."""
+    blocks = blocks or BLOCKS
+    prefixes = tuple(b + "." for b in blocks.values())
+    names = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not name.startswith(prefixes):
+            continue
+        if re.search(r"\.attn[12]\.(" + "|".join(re.escape(p) for p in projections) + r")$", name):
+            names.append(name)
+    if not names:
+        raise ValueError(f"no attention projections found in blocks {sorted(blocks.values())}")
+    return names
+
+
+def split_by_block(state_dict: dict[str, torch.Tensor], blocks: dict[str, str] | None = None
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    """Split an adapter state dict into {"content": ..., "style": ...} by block name."""
+    blocks = blocks or BLOCKS
+    parts: dict[str, dict[str, torch.Tensor]] = {role: {} for role in blocks}
+    for key, value in state_dict.items():
+        for role, block in blocks.items():
+            if f"{block}." in key:
+                parts[role][key] = value
+                break
+    return parts
+
+
+class BLoRARecipe:
+    """Trains one B-LoRA on an SDXL pipeline's UNet from a single (already cropped) image."""
+
+    def __init__(self, pipe, image: Image.Image, settings: BLoRASettings) -> None:
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.image = image
+        self.settings = settings
+        self.module_names: list[str] = []
+
+    # -- loop interface -----------------------------------------------------------------------------
+
+    def setup(self, accelerator, config: TrainConfig) -> None:
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        device = accelerator.device
+        weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+        self.device = device
+        pipe = self.pipe
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
+
+        # Encode the image once (fp32 VAE: SDXL's VAE overflows in fp16) and keep its latent distribution,
+        # so that every step still draws a fresh latent sample as the reference training does.
+        pipe.vae.to(device, dtype=torch.float32)
+        pixels = _to_pixels(self.image).to(device)
+        with torch.no_grad():
+            dist = pipe.vae.encode(pixels).latent_dist
+        self.latent_mean = dist.mean.detach()
+        self.latent_std = dist.std.detach()
+        self.scaling_factor = pipe.vae.config.scaling_factor
+        self.shift_factor = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+
+        # Embed the prompt once; the text encoders are frozen and not needed again during training.
+        with torch.no_grad():
+            pipe.text_encoder.to(device)
+            pipe.text_encoder_2.to(device)
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+                self.settings.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        self.prompt_embeds = prompt_embeds.to(weight_dtype)
+        self.pooled = pooled.to(weight_dtype)
+        res = self.settings.resolution
+        self.time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=weight_dtype)
+        if device.type != "cpu":
+            pipe.vae.to("cpu")
+            pipe.text_encoder.to("cpu")
+            pipe.text_encoder_2.to("cpu")
+
+        unet = self.unet
+        unet.requires_grad_(False)
+        unet.to(device, dtype=weight_dtype)
+        self.module_names = target_modules(unet, self.settings.blocks, self.settings.projections)
+        if ADAPTER_NAME not in getattr(unet, "peft_config", {}):
+            # Gaussian init and lora_alpha == r: down ~ N(0, 1/r), up = 0, scale 1, as the official code.
+            unet.add_adapter(
+                LoraConfig(r=self.settings.rank, lora_alpha=self.settings.rank, init_lora_weights="gaussian",
+                           target_modules=self.module_names),
+                adapter_name=ADAPTER_NAME,
+            )
+        unet.set_adapter(ADAPTER_NAME)
+        cast_training_params(unet, torch.float32)
+        gradient_checkpointing = config.gradient_checkpointing
+        if gradient_checkpointing is None:
+            gradient_checkpointing = device.type == "cuda"
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.unet
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        device = self.device
+        sample = torch.randn(self.latent_mean.shape, generator=generator).to(device)
+        latents = (self.latent_mean + self.latent_std * sample - self.shift_factor) * self.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_train, (latents.shape[0],), generator=generator).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        unet_dtype = self.prompt_embeds.dtype
+        prediction = self.unet(
+            noisy.to(unet_dtype),
+            timesteps,
+            encoder_hidden_states=self.prompt_embeds,
+            added_cond_kwargs={"text_embeds": self.pooled, "time_ids": self.time_ids},
+            return_dict=False,
+        )[0]
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        loss = F.mse_loss(prediction.float(), target.float())
+        return loss, {"mse": float(loss.detach())}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained LoRA in PEFT key format without a prefix (`...to_q.lora_A.weight`), fp32."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME)
+        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.unet, state_dict, adapter_name=ADAPTER_NAME)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"checkpoint does not fit this model: unexpected keys such as {unexpected[0]}")
+
+    # -- after training -----------------------------------------------------------------------------
+
+    def remove_adapter(self) -> None:
+        """Take the training adapter out of the UNet, leaving the base model as it was loaded."""
+        self.unet.disable_gradient_checkpointing()
+        self.unet.delete_adapters(ADAPTER_NAME)
+
+
+def _to_pixels(image: Image.Image) -> torch.Tensor:
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+# -- end to end: one image in, one package out ----------------------------------------------------------
+
+
+@dataclass
+class TrainRequest:
+    """Everything `train_blora` needs; the CLI and the app both build one of these."""
+
+    image: str | Path | Image.Image
+    out: str | Path
+    model: str = "sdxl"
+    steps: int = 1000
+    rank: int = 64
+    learning_rate: float = 5e-5
+    resolution: int | None = None  # None: the model's native size (1024 for SDXL, 64 for tiny-sdxl)
+    token: str | None = None  # None: a token derived from the image, e.g. [v42]
+    seed: int = 0
+    checkpoint_every: int = 250
+    sample_every: int = 0
+    samples: bool = True
+    sample_steps: int | None = None
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool | None = None
+    use_8bit_adam: bool | None = None
+    resume: bool = False
+    restart: bool = False
+    keep_checkpoints: bool = False
+
+
+def work_dir_for(out: str | Path) -> Path:
+    """Where an unfinished run keeps its checkpoints: `<out>.partial`, beside the package."""
+    out = Path(out)
+    return out.parent / f"{out.name}.partial"
+
+
+def prepare_request(request: TrainRequest):
+    """Validate every input before any model is loaded; return (spec, cropped image, token, out, work dir)."""
+    import hashlib
+
+    from pipelines.images import center_crop_square, load_image
+    from pipelines.models import resolve_model
+    from pipelines.package import check_name, check_token, token_for_image
+    from pipelines.storage import check_writable_target
+
+    spec = resolve_model(request.model)
+    if spec.arch != "sdxl":
+        raise ValueError(f"B-LoRA needs an SDXL model; {request.model} is {spec.arch.upper()} (use SplitFlux for Flux)")
+    out = check_writable_target(request.out)
+    check_name(out.name)
+    if request.rank < 1 or request.rank > 1024:
+        raise ValueError(f"rank must be between 1 and 1024, not {request.rank}")
+    if request.steps < 1:
+        raise ValueError(f"steps must be at least 1, not {request.steps}")
+    if not request.learning_rate > 0:
+        raise ValueError(f"learning rate must be positive, not {request.learning_rate}")
+    resolution = request.resolution or spec.resolution
+    if resolution % 8 or resolution < 64 or resolution > 4096:
+        raise ValueError(f"resolution must be a multiple of 8 between 64 and 4096, not {resolution}")
+    image = load_image(request.image)
+    crop = center_crop_square(image, resolution)
+    token = check_token(request.token) if request.token else token_for_image(crop)
+    work = work_dir_for(out)
+    fingerprint = hashlib.sha256(crop.tobytes()).hexdigest()
+    return spec, crop, token, out, work, resolution, fingerprint
+
+
+def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, cancel=None, pipe=None) -> Path:
+    """Train a B-LoRA from one image and write its package to `request.out`. Returns the package path.
+
+    `on_sample(step, image)` receives a preview every `sample_every` steps. Raises `TrainingCancelled` if
+    `cancel` is set; the last checkpoint stays in `<out>.partial` for `resume=True`.
+    """
+    import shutil
+
+    from pipelines.models import load_pipeline
+    from pipelines.package import PackageContents, write_package
+    from pipelines.storage import write_json
+    from pipelines.training import latest_checkpoint, train
+
+    spec, crop, token, out, work, resolution, fingerprint = prepare_request(request)
+    settings = BLoRASettings(token=token, rank=request.rank, resolution=resolution)
+    job = {"method": "b-lora", "image_sha256": fingerprint, "token": token, "rank": request.rank,
+           "resolution": resolution, "model": spec.name, "seed": request.seed}
+    job_file = work / "job.json"
+    if latest_checkpoint(work) is not None:
+        import json
+
+        previous = json.loads(job_file.read_text()) if job_file.is_file() else {}
+        if request.restart:
+            shutil.rmtree(work)
+        elif not request.resume:
+            raise ValueError(
+                f"an unfinished run exists in {work}; pass --resume to continue it or --restart to start over"
+            )
+        elif {k: previous.get(k) for k in job} != job:
+            changed = sorted(k for k in job if previous.get(k) != job[k])
+            raise ValueError(f"cannot resume from {work}: the run used a different {', '.join(changed)}")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(job_file, job)
+
+    config = default_train_config(
+        steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
+        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every,
+        mixed_precision=request.mixed_precision, gradient_checkpointing=request.gradient_checkpointing,
+        use_8bit_adam=request.use_8bit_adam,
+    )
+    if pipe is None:
+        pipe = load_pipeline(request.model)
+    recipe = BLoRARecipe(pipe, crop, settings)
+    sample_steps = request.sample_steps or spec.steps
+
+    def preview(step: int) -> None:
+        if on_sample is not None:
+            on_sample(step, _preview(pipe, settings.prompt, resolution, sample_steps, request.seed, spec))
+
+    result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
+                   on_sample=preview if on_sample else None, cancel=cancel)
+    full = recipe.adapter_state_dict()
+    recipe.remove_adapter()
+    parts = split_by_block(full, settings.blocks)
+    samples = {"input": crop}
+    sample_prompts = {}
+    if request.samples:
+        for stem, (active, prompt) in {
+            "full": (("content", "style"), f"A {token}"),
+            "content": (("content",), f"A {token}"),
+            "style": (("style",), f"A cat in {token} style"),
+        }.items():
+            samples[stem] = _sample_with_parts(pipe, {r: parts[r] for r in active}, prompt, resolution,
+                                               sample_steps, request.seed, spec)
+            sample_prompts[stem] = prompt
+    ranks = {role: request.rank for role in parts}
+    info = {
+        "method": "b-lora",
+        "base_model": spec.name if spec.repo_id or spec.tiny else Path(spec.name).name,
+        "base_model_id": spec.repo_id or ("" if spec.tiny else Path(spec.name).name),
+        "arch": "sdxl",
+        "token": token,
+        "prompt": settings.prompt,
+        "blocks": settings.blocks,
+        "ranks": ranks,
+        "rank": request.rank,
+        "target_modules": list(settings.projections),
+        "steps": result.steps,
+        "learning_rate": request.learning_rate,
+        "seed": request.seed,
+        "resolution": resolution,
+        "image_sha256": fingerprint,
+        "sample_prompts": sample_prompts,
+        "final_loss": result.loss_history[-1] if result.loss_history else None,
+    }
+    contents = PackageContents(name=out.name, info=info, full=full, parts=parts, samples=samples,
+                               loss_history=result.loss_history)
+    write_package(out, contents)
+    if not request.keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _preview(pipe, prompt: str, resolution: int, steps: int, seed: int, spec) -> Image.Image:
+    """An image from the adapter being trained, without disturbing training state."""
+    unet = pipe.unet
+    was_training = unet.training
+    unet.eval()
+    vae_device = pipe.vae.device
+    device = unet.device
+    try:
+        pipe.vae.to(device)
+        pipe.text_encoder.to(device)
+        pipe.text_encoder_2.to(device)
+        with torch.no_grad():
+            image = pipe(prompt, num_inference_steps=steps, guidance_scale=spec.guidance, width=resolution,
+                         height=resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    finally:
+        if device.type != "cpu":
+            pipe.vae.to(vae_device)
+            pipe.text_encoder.to(vae_device)
+            pipe.text_encoder_2.to(vae_device)
+        unet.train(was_training)
+    return image
+
+
+def _sample_with_parts(pipe, parts: dict[str, dict[str, torch.Tensor]], prompt: str, resolution: int,
+                       steps: int, seed: int, spec) -> Image.Image:
+    """Generate with the given parts loaded as named adapters, then take them out again."""
+    from pipelines.formats import to_diffusers
+
+    device = pipe.unet.device
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    pipe.text_encoder_2.to(device)
+    pipe.unet.eval()
+    names = []
+    try:
+        for role, state in parts.items():
+            name = f"sample_{role}"
+            pipe.load_lora_weights(to_diffusers(state), adapter_name=name)
+            names.append(name)
+        pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
+        with torch.no_grad():
+            return pipe(prompt, num_inference_steps=steps, guidance_scale=spec.guidance, width=resolution,
+                        height=resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    finally:
+        if names:
+            pipe.delete_adapters(names)

@@ -1,0 +1,167 @@
+"""Generation with content and style adapters in a warm pipeline.
+
+`StudioPipeline` loads a base model once and keeps two adapter slots, `content` and `style`. Pointing a slot
+at another package replaces only that adapter (PEFT hotswap where enabled, else delete and load); the base
+weights are never reloaded. The calls it makes are the plain diffusers ones, so the same call in diffusers
+with the package's files (`load_lora_weights`, `set_adapters`, a CPU generator) gives the same image.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipelines import formats
+from pipelines.errors import BlockStudioError, InvalidAdapter
+from pipelines.models import load_pipeline, resolve_model
+from pipelines.package import AdapterPackage
+
+SLOTS = ("content", "style")
+_PLACEHOLDER = re.compile(r"\[(c|s)\]", re.IGNORECASE)
+
+
+def expand_prompt(prompt: str, content_token: str | None, style_token: str | None) -> str:
+    """Replace `[c]` and `[s]` with the adapters' trigger tokens; refuse a placeholder with no adapter."""
+
+    def repl(match: re.Match) -> str:
+        kind = match.group(1).lower()
+        token = content_token if kind == "c" else style_token
+        if token is None:
+            role = "content" if kind == "c" else "style"
+            raise BlockStudioError(f"the prompt uses [{kind}] but no {role} adapter was given")
+        return token
+
+    return _PLACEHOLDER.sub(repl, prompt)
+
+
+def default_prompt(has_content: bool, has_style: bool, method: str = "b-lora") -> str:
+    subject = "[c]" if method == "b-lora" else "[c] object"
+    if has_content and has_style:
+        return f"A {subject} in [s] style"
+    if has_content:
+        return f"A {subject}"
+    if has_style:
+        return "A cat in [s] style"
+    return "A photo of a cat"
+
+
+@dataclass
+class AdapterChoice:
+    """One slot's choice: which package, which of its parts, at which scale."""
+
+    package: AdapterPackage
+    part: str
+    scale: float = 1.0
+
+    @property
+    def file(self) -> Path:
+        return self.package.file(self.part)
+
+
+class StudioPipeline:
+    """A base pipeline kept warm, with `content` and `style` adapter slots that swap in place."""
+
+    def __init__(self, model: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 hotswap_rank: int | None = None, pipe=None) -> None:
+        self.model = model
+        self.spec = resolve_model(model)
+        self.pipe = pipe if pipe is not None else load_pipeline(model, device=device, dtype=dtype)
+        self.base_loads = 0 if pipe is not None else 1
+        self.adapter_loads = 0
+        self.hotswap_rank = hotswap_rank
+        self._loaded: dict[str, tuple[str, float]] = {}  # slot -> (file, mtime) currently in the model
+        self._module_names: list[str] | None = None
+        if hotswap_rank is not None:
+            self.pipe.enable_lora_hotswap(target_rank=hotswap_rank)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer if self.spec.arch == "flux" else self.pipe.unet
+
+    def _component(self) -> str:
+        return "transformer" if self.spec.arch == "flux" else "unet"
+
+    def _check_package(self, choice: AdapterChoice) -> None:
+        arch = choice.package.info.get("arch", "sdxl")
+        if arch != self.spec.arch:
+            raise InvalidAdapter(
+                f"package {choice.package.name} is for {arch.upper()} but the model {self.model} is {self.spec.arch.upper()}"
+            )
+        tensors, _ = formats.read_safetensors(choice.file)
+        if self._module_names is None:
+            self._module_names = [n for n, m in self.denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
+        canonical = formats.normalize_lora(tensors, self._module_names, component=self._component())
+        formats.validate_against(canonical, self.denoiser)
+
+    def _set_slot(self, slot: str, choice: AdapterChoice | None) -> None:
+        current = self._loaded.get(slot)
+        if choice is None:
+            if current is not None:
+                self.pipe.delete_adapters(slot)
+                del self._loaded[slot]
+            return
+        file = choice.file
+        key = (str(file.resolve()), file.stat().st_mtime)
+        if current == key:
+            return
+        self._check_package(choice)
+        # Load from the file itself (not the tensors read for checking) so that diffusers also sees the
+        # file's PEFT metadata, exactly as a user's own `load_lora_weights(folder, weight_name=...)` does.
+        source = dict(pretrained_model_name_or_path_or_dict=str(file.parent), weight_name=file.name)
+        if current is not None and self.hotswap_rank is not None:
+            self.pipe.load_lora_weights(**source, adapter_name=slot, hotswap=True)
+        else:
+            if current is not None:
+                self.pipe.delete_adapters(slot)
+            self.pipe.load_lora_weights(**source, adapter_name=slot)
+        self._loaded[slot] = key
+        self.adapter_loads += 1
+
+    def set_adapters(self, content: AdapterChoice | None = None, style: AdapterChoice | None = None) -> None:
+        """Put the chosen adapters in their slots and apply their scales."""
+        self._set_slot("content", content)
+        self._set_slot("style", style)
+        active = [(s, c.scale) for s, c in (("content", content), ("style", style)) if c is not None]
+        if active:
+            self.pipe.set_adapters([s for s, _ in active], adapter_weights=[w for _, w in active])
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        content: AdapterChoice | None = None,
+        style: AdapterChoice | None = None,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        negative_prompt: str | None = None,
+        num_images: int = 1,
+        callback=None,
+    ) -> list[Image.Image]:
+        method = (content or style).package.method if (content or style) else "b-lora"
+        if prompt is None:
+            prompt = default_prompt(content is not None, style is not None, method)
+        text = expand_prompt(
+            prompt, content.package.token if content else None, style.package.token if style else None
+        )
+        self.set_adapters(content, style)
+        kwargs = dict(
+            prompt=text,
+            num_inference_steps=steps or self.spec.steps,
+            guidance_scale=self.spec.guidance if guidance is None else guidance,
+            width=width or self.spec.resolution,
+            height=height or self.spec.resolution,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            num_images_per_prompt=num_images,
+        )
+        if negative_prompt:
+            kwargs["negative_prompt"] = negative_prompt
+        if callback is not None:
+            kwargs["callback_on_step_end"] = callback
+        return self.pipe(**kwargs).images

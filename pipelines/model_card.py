@@ -1,0 +1,121 @@
+"""The model card (README.md) of an adapter package, with Hugging Face Hub front matter.
+
+The card says what the adapter is, how to use each part in diffusers and in ComfyUI/A1111, and how it was
+trained. Sample images become Hub widgets.
+"""
+
+from __future__ import annotations
+
+import json
+
+LICENSES = {"sdxl": "openrail++", "flux": "other"}
+BASE_IDS = {
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "tiny-sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    "tiny-flux": "black-forest-labs/FLUX.1-dev",
+}
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
+SAMPLE_PROMPTS = {
+    "input": "{prompt}",
+    "full": "{prompt}",
+    "content": "{content_prompt}",
+    "style": "{style_prompt}",
+}
+
+
+def _yaml_str(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_model_card(info: dict) -> str:
+    arch = info.get("arch", "sdxl")
+    base = info.get("base_model", "sdxl")
+    base_id = BASE_IDS.get(base, base)
+    token = info.get("token", "[v]")
+    method = info.get("method", "b-lora")
+    name = info.get("name", "adapter")
+    prompt = info.get("prompt", f"A {token}")
+    tiny = base.startswith("tiny-")
+    samples = [s for s in info.get("files", {}).get("samples", []) if not s.endswith("input.png")]
+    lines = ["---", f"base_model: {_yaml_str(base_id)}", "library_name: diffusers",
+             f"license: {LICENSES.get(arch, 'other')}", f"instance_prompt: {_yaml_str(prompt)}", "tags:"]
+    tags = ["text-to-image", "lora", "diffusers", "template:sd-lora", method, "blockstudio",
+            "stable-diffusion-xl" if arch == "sdxl" else "flux"]
+    lines += [f"- {t}" for t in tags]
+    if samples:
+        lines.append("widget:")
+        for sample in samples:
+            stem = sample.rsplit("/", 1)[-1].removesuffix(".png")
+            text = info.get("sample_prompts", {}).get(stem, prompt)
+            lines += [f"- text: {_yaml_str(text)}", "  output:", f"    url: {sample}"]
+    lines.append("---")
+    parts = [p for p in ("content", "content_reembed", "style") if p in info.get("files", {})]
+    pipeline = PIPELINES.get(arch, "DiffusionPipeline")
+    content_prompt = f"A {token}" if method == "b-lora" else f"A {token} object"
+    body = [
+        "",
+        f"# {name}",
+        "",
+        f"A **{method}** adapter for `{base_id}` trained with Block Studio from one image. "
+        f"Trigger token: `{token}`; training prompt: `{prompt}`.",
+    ]
+    if tiny:
+        body += ["", "> Trained on a tiny random-weight model for trying the workflow; it does not make real images."]
+    if samples:
+        body += ["", "<Gallery />"]
+    body += [
+        "",
+        "## Parts",
+        "",
+        "| file | what it holds |",
+        "| --- | --- |",
+        "| `pytorch_lora_weights.safetensors` | content and style together (diffusers format) |",
+    ]
+    descriptions = {
+        "content": "the content (subject) alone",
+        "content_reembed": "the content's high-rank branch alone, for putting the subject in new prompts",
+        "style": "the style alone",
+    }
+    for part in parts:
+        body.append(f"| `{part}.safetensors` | {descriptions.get(part, part)} |")
+    body += [
+        f"| `kohya/{name}*.safetensors` | the same in kohya/WebUI format for ComfyUI, A1111 and Forge |",
+        "",
+        "## Use with diffusers",
+        "",
+        "```python",
+        "import torch",
+        f"from diffusers import {pipeline}",
+        "",
+        f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe.load_lora_weights("{name}", weight_name="content.safetensors", adapter_name="content")',
+        'pipe.load_lora_weights("<another package>", weight_name="style.safetensors", adapter_name="style")',
+        'pipe.set_adapters(["content", "style"], adapter_weights=[1.0, 1.0])',
+        f'image = pipe("{content_prompt} in [s] style", generator=torch.Generator("cpu").manual_seed(0)).images[0]',
+        "```",
+        "",
+        "Replace `[s]` with the style package's token. A scale multiplies the adapter's weight delta (the "
+        "`set_adapters` convention); the official B-LoRA code's `alpha` scales both LoRA factors, so its "
+        "`alpha = a` equals a scale of `a * a` here.",
+        "",
+        "## Use with ComfyUI, A1111 or Forge",
+        "",
+        f"Load `kohya/{name}_content.safetensors` or `kohya/{name}_style.safetensors` with a LoRA loader node "
+        "on the same base model, and put the trigger token in the prompt.",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+    ]
+    for key in ("method", "base_model", "steps", "rank", "learning_rate", "resolution", "seed", "blocks",
+                "target_modules", "created"):
+        if key in info:
+            value = info[key]
+            if not isinstance(value, str):
+                value = json.dumps(value)
+            body.append(f"| {key} | `{value}` |")
+    body.append("")
+    return "\n".join(lines + body)

@@ -1,0 +1,156 @@
+"""The model registry: short names, Hub ids and local folders, resolved to a diffusers folder and loaded.
+
+`sdxl`, `flux-dev` and `flux-schnell` load by Hub id; `tiny-sdxl` and `tiny-flux` are built locally from
+configs (see `pipelines/tiny.py`) and are the offline default. Any other Hub id or local diffusers folder
+works if its architecture is one the recipes know.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines.errors import ModelNotAvailable
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str  # "sdxl" or "flux"
+    repo_id: str | None  # Hub id; None for tiny models
+    resolution: int  # training and default generation size
+    steps: int  # default inference steps
+    guidance: float  # default guidance scale
+    tiny: bool = False
+    description: str = ""
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 30, 5.0,
+                  description="Stable Diffusion XL base 1.0"),
+        ModelSpec("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", 1024, 28, 3.5,
+                  description="FLUX.1 [dev]"),
+        ModelSpec("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell", 1024, 4, 0.0,
+                  description="FLUX.1 [schnell]"),
+        ModelSpec("tiny-sdxl", "sdxl", None, 64, 4, 5.0, tiny=True,
+                  description="random-weight SDXL topology for tests and offline trials"),
+        ModelSpec("tiny-flux", "flux", None, 64, 4, 3.5, tiny=True,
+                  description="random-weight Flux topology for tests and offline trials"),
+    )
+}
+
+PIPELINE_ARCH = {
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "FluxPipeline": "flux",
+}
+
+
+def _arch_of_folder(folder: Path) -> str:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelNotAvailable(f"{folder} is not a diffusers model folder (no model_index.json)")
+    class_name = json.loads(index.read_text()).get("_class_name", "")
+    if class_name not in PIPELINE_ARCH:
+        raise ModelNotAvailable(
+            f"{folder}: pipeline {class_name or 'unknown'} is not supported; use an SDXL or Flux model"
+        )
+    return PIPELINE_ARCH[class_name]
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Turn a registry name, local folder or Hub id into a ModelSpec (no download)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        arch = _arch_of_folder(path)
+        base = REGISTRY["sdxl" if arch == "sdxl" else "flux-dev"]
+        return ModelSpec(str(path.resolve()), arch, None, base.resolution, base.steps, base.guidance)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        lowered = name.lower()
+        arch = "flux" if "flux" in lowered else "sdxl"
+        base = REGISTRY["sdxl" if arch == "sdxl" else "flux-dev"]
+        return ModelSpec(name, arch, name, base.resolution, base.steps, base.guidance)
+    raise ModelNotAvailable(
+        f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, a Hub id (owner/name) or a local diffusers folder"
+    )
+
+
+def model_path(name: str) -> Path:
+    """A local diffusers folder for `name`, building tiny models and using the Hub cache for the rest."""
+    spec = resolve_model(name)
+    if spec.tiny:
+        from pipelines.tiny import tiny_model_path
+
+        return tiny_model_path(spec.name)
+    if spec.repo_id is None:
+        return Path(spec.name)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    patterns = ["*.json", "*.txt", "*.model", "*.safetensors", "*.fp16.safetensors"]
+    try:
+        folder = snapshot_download(spec.repo_id, allow_patterns=patterns, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise ModelNotAvailable(_offline_message(spec)) from None
+    except Exception as exc:  # network errors vary by transport; all mean "not reachable"
+        try:
+            folder = snapshot_download(spec.repo_id, allow_patterns=patterns, local_files_only=True)
+        except Exception:
+            raise ModelNotAvailable(f"{_offline_message(spec)} ({type(exc).__name__})") from None
+    return Path(folder)
+
+
+def _offline_message(spec: ModelSpec) -> str:
+    tiny = "tiny-flux" if spec.arch == "flux" else "tiny-sdxl"
+    return (
+        f"model {spec.name} ({spec.repo_id}) is not in the local Hugging Face cache and the Hub cannot be "
+        f"reached; download it once with network access, or use --model {tiny} to try the workflow offline"
+    )
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device, arch: str) -> torch.dtype:
+    if device.type == "cuda":
+        if arch == "flux":
+            return torch.bfloat16
+        return torch.float16
+    return torch.float32
+
+
+def _dtype_kwarg() -> str:
+    # diffusers renamed `torch_dtype` to `dtype` (0.40); older releases only know the former.
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
+
+
+def load_pipeline(name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """Load the diffusers pipeline for `name` on `device` (default: the best available)."""
+    from diffusers import DiffusionPipeline
+
+    spec = resolve_model(name)
+    folder = model_path(name)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device, spec.arch)
+    pipe = DiffusionPipeline.from_pretrained(folder, **{_dtype_kwarg(): dtype})
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    pipe.blockstudio_model = spec  # which registry entry this pipeline came from
+    return pipe

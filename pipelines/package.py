@@ -1,0 +1,222 @@
+"""The adapter package: the folder a training run, an import, the library, export and the Hub all share.
+
+    <name>/
+      pytorch_lora_weights.safetensors   the whole adapter, diffusers format (pipe.load_lora_weights(folder))
+      content.safetensors, style.safetensors, ...   each part alone, diffusers format
+      kohya/<name>.safetensors, kohya/<name>_<part>.safetensors   kohya/WebUI format for ComfyUI, A1111, Forge
+      adapter.json                       method, base model, blocks, ranks, token, steps, seed, versions, files
+      README.md                          model card with Hub front matter
+      samples/*.png                      previews; samples/input.png is the trained crop
+
+A package is written into a staging folder and renamed into place, so readers see the old package or the new
+one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipelines import formats
+from pipelines.errors import InvalidAdapter, UnsafeName
+from pipelines.storage import atomic_dir, write_json
+
+PACKAGE_FORMAT_VERSION = 1
+FULL_WEIGHTS = "pytorch_lora_weights.safetensors"
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\[\]<>\-]{1,32}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+RESERVED_TOKENS = {"[c]", "[s]"}
+
+
+def check_token(token: str) -> str:
+    """A trigger token: short, no spaces, no path or prompt syntax beyond brackets (e.g. `[v42]`, `sks`)."""
+    if not isinstance(token, str) or not _TOKEN_RE.match(token):
+        raise UnsafeName(
+            f"token {token!r} is not allowed: use 1-32 letters, digits, '_', '-', '[', ']', '<', '>' (e.g. [v42])"
+        )
+    if token.lower() in RESERVED_TOKENS:
+        raise UnsafeName(f"token {token!r} is reserved for prompt placeholders")
+    return token
+
+
+def check_name(name: str) -> str:
+    """A package or file name that cannot leave its folder: no separators, no leading dot, 64 chars."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+        raise UnsafeName(
+            f"name {name!r} is not allowed: use up to 64 letters, digits, '_', '-', '.', starting with a letter or digit"
+        )
+    return name
+
+
+def token_for_image(image: Image.Image) -> str:
+    """A token unique to an image's pixels, in the style of the official examples (`[v18]`, `[v30]`)."""
+    import hashlib
+
+    digest = hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
+    return f"[v{int(digest[:8], 16) % 1000}]"
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("blockstudio", "torch", "diffusers", "transformers", "peft", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+@dataclass
+class PackageContents:
+    """What a recipe hands `write_package`."""
+
+    name: str
+    info: dict  # method, base_model, arch, token, prompts, blocks, ranks, steps, seed, resolution, ...
+    full: dict[str, torch.Tensor]  # canonical state dict of the whole adapter
+    parts: dict[str, dict[str, torch.Tensor]]  # role -> canonical state dict ("content", "style", ...)
+    samples: dict[str, Image.Image] = field(default_factory=dict)  # file stem -> image
+    loss_history: list[float] = field(default_factory=list)
+    prefix: str = "unet"
+
+
+def _file_metadata(info: dict, part: str) -> dict[str, object]:
+    keys = ("method", "base_model", "arch", "token", "prompt", "steps", "seed", "resolution", "blocks", "ranks")
+    meta = {f"blockstudio.{k}": info[k] for k in keys if k in info}
+    meta["blockstudio.part"] = part
+    meta["blockstudio.format_version"] = PACKAGE_FORMAT_VERSION
+    return meta
+
+
+def _kohya_metadata(info: dict, part: str, state_dict: dict[str, torch.Tensor]) -> dict[str, object]:
+    ranks = sorted({int(a.shape[0]) for a, _ in formats.lora_modules(state_dict).values()})
+    arch = info.get("arch", "sdxl")
+    meta = _file_metadata(info, part)
+    meta.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks[-1]),
+        "ss_network_alpha": str(ranks[-1]),
+        "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "flux1",
+        "ss_output_name": f"{info.get('name', 'adapter')}_{part}",
+        "ss_training_comment": f"{info.get('method')} {part}; trigger {info.get('token')}",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if arch == "sdxl" else "flux-1-dev/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+        else "https://github.com/black-forest-labs/flux",
+        "modelspec.title": f"{info.get('name', 'adapter')} ({part})",
+        "modelspec.trigger_phrase": info.get("token", ""),
+    })
+    return meta
+
+
+def write_package(out: str | Path, contents: PackageContents, *, card: str | None = None) -> Path:
+    """Write a whole package atomically into `out` and return its path."""
+    out = Path(out)
+    name = check_name(contents.name)
+    info = dict(contents.info)
+    info.setdefault("name", name)
+    files = {"full": FULL_WEIGHTS}
+    with atomic_dir(out) as staging:
+        prefix = contents.prefix
+        peft_meta = formats.peft_metadata(contents.full, prefix)
+        formats.write_safetensors(staging / FULL_WEIGHTS, formats.to_diffusers(contents.full, prefix),
+                                  {**_file_metadata(info, "full"), **peft_meta})
+        kohya_prefix = "lora_unet" if prefix == "unet" else f"lora_{prefix}"
+        formats.write_safetensors(staging / "kohya" / f"{name}.safetensors",
+                                  formats.to_kohya(contents.full, kohya_prefix),
+                                  _kohya_metadata(info, "full", contents.full))
+        files["kohya"] = f"kohya/{name}.safetensors"
+        for role, state in contents.parts.items():
+            check_name(role)
+            formats.write_safetensors(staging / f"{role}.safetensors", formats.to_diffusers(state, prefix),
+                                      {**_file_metadata(info, role), **formats.peft_metadata(state, prefix)})
+            files[role] = f"{role}.safetensors"
+            formats.write_safetensors(staging / "kohya" / f"{name}_{role}.safetensors",
+                                      formats.to_kohya(state, kohya_prefix), _kohya_metadata(info, role, state))
+            files[f"kohya_{role}"] = f"kohya/{name}_{role}.safetensors"
+        if contents.samples:
+            (staging / "samples").mkdir()
+            for stem, image in contents.samples.items():
+                check_name(stem)
+                image.save(staging / "samples" / f"{stem}.png")
+            files["samples"] = sorted(f"samples/{stem}.png" for stem in contents.samples)
+        info.update({
+            "format_version": PACKAGE_FORMAT_VERSION,
+            "files": files,
+            "created": info.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": library_versions(),
+            "scale_convention": "a scale s multiplies the adapter's weight delta (diffusers set_adapters); "
+                                "the official B-LoRA alpha a equals s = a*a",
+        })
+        if contents.loss_history:
+            write_json(staging / "loss.json", {"loss": contents.loss_history})
+        write_json(staging / "adapter.json", info)
+        if card is None:
+            from pipelines.model_card import render_model_card
+
+            card = render_model_card(info)
+        (staging / "README.md").write_text(card)
+    return out
+
+
+@dataclass
+class AdapterPackage:
+    """A package folder read back from disk."""
+
+    path: Path
+    info: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> AdapterPackage:
+        path = Path(path)
+        meta = path / "adapter.json"
+        if not meta.is_file():
+            raise InvalidAdapter(f"{path} is not an adapter package (no adapter.json)")
+        try:
+            info = json.loads(meta.read_text())
+        except json.JSONDecodeError as exc:
+            raise InvalidAdapter(f"{meta}: unreadable ({exc})") from None
+        return cls(path, info)
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", self.path.name)
+
+    @property
+    def token(self) -> str:
+        return self.info.get("token", "[v]")
+
+    @property
+    def method(self) -> str:
+        return self.info.get("method", "")
+
+    @property
+    def base_model(self) -> str:
+        return self.info.get("base_model", "")
+
+    def file(self, part: str) -> Path:
+        files = self.info.get("files", {})
+        if part not in files:
+            raise InvalidAdapter(f"package {self.name} has no {part!r} part (it has {', '.join(sorted(files))})")
+        return self.path / files[part]
+
+    def has(self, part: str) -> bool:
+        return part in self.info.get("files", {})
+
+    def state_dict(self, part: str = "full") -> dict[str, torch.Tensor]:
+        """The canonical state dict of one part, read from its diffusers file."""
+        tensors, _ = formats.read_safetensors(self.file(part))
+        prefix = "transformer" if self.info.get("arch") == "flux" else "unet"
+        modules = sorted({k[len(prefix) + 1:].rsplit(".lora.", 1)[0] for k in tensors})
+        return formats.normalize_lora(tensors, modules, component=prefix)
+
+    def sample(self, stem: str) -> Path | None:
+        path = self.path / "samples" / f"{stem}.png"
+        return path if path.is_file() else None

@@ -1,0 +1,303 @@
+"""The single-image training loop shared by every recipe (B-LoRA, SplitFlux).
+
+The loop knows nothing of SDXL or Flux. A recipe hands it the trainable parameters, a module to prepare with
+`accelerate`, and a `loss(generator)` function; the loop owns the optimizer, mixed precision, progress events,
+cancellation and checkpoints. All randomness of a step (noise, timesteps, latent samples) comes from one CPU
+`torch.Generator` whose state is checkpointed with the weights and optimizer, so a resumed run finishes with
+exactly the weights of an uninterrupted one.
+
+Checkpoints are safetensors only (weights, optimizer tensors, generator state) plus JSON: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipelines.storage import atomic_dir, write_json
+
+
+class TrainingCancelled(Exception):
+    """Raised inside the loop when the cancel token is set; the last checkpoint is kept."""
+
+
+class CancelToken:
+    """Thread-safe flag checked once per step. `cancel()` stops training before the next step starts."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    learning_rate: float = 5e-5
+    seed: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 250
+    checkpoints_to_keep: int = 1
+    sample_every: int = 0  # 0: no previews during training
+    # None means "decide from the hardware": fp16/bf16 and checkpointing on a GPU, fp32 on a CPU.
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool | None = None
+    use_8bit_adam: bool | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProgressEvent:
+    step: int
+    total_steps: int
+    loss: float
+    elapsed_s: float
+    steps_per_s: float
+    eta_s: float
+    losses: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    loss_history: list[float]
+    seconds: float
+    resumed_from: int | None = None
+
+
+class Recipe(Protocol):
+    """What a recipe hands the loop. See `pipelines/blora.py` for the reference implementation."""
+
+    def setup(self, accelerator: Any, config: TrainConfig) -> None:
+        """Move models to the device, choose dtypes, cache latents and text embeddings."""
+
+    def trainable_module(self) -> torch.nn.Module:
+        """The module that carries the adapters (prepared with accelerate)."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """One step's loss, and its named terms for logging. All randomness from `generator`."""
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+
+def resolve_mixed_precision(requested: str | None, device: torch.device) -> str:
+    if requested is not None:
+        if requested not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed precision must be 'no', 'fp16' or 'bf16', not {requested!r}")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device):
+    use_8bit = config.use_8bit_adam
+    if use_8bit is None:
+        use_8bit = device.type == "cuda" and _bitsandbytes_available()
+    kwargs = dict(
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+    if use_8bit:
+        if not _bitsandbytes_available() or device.type != "cuda":
+            raise RuntimeError("8-bit Adam needs bitsandbytes and a CUDA GPU; install the 'gpu' extra")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    loss_history: list[float],
+    config: TrainConfig,
+) -> Path:
+    target = folder / f"checkpoint-{step:06d}"
+    with atomic_dir(target) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in recipe.adapter_state_dict().items()},
+                  staging / "adapter.safetensors")
+        opt_tensors, opt_meta = _optimizer_to_tensors(optimizer)
+        save_file(opt_tensors, staging / "optimizer.safetensors")
+        save_file({"generator": generator.get_state()}, staging / "rng.safetensors")
+        write_json(staging / "state.json", {
+            "step": step, "loss_history": loss_history, "optimizer": opt_meta, "config": config.to_dict(),
+        })
+    return target
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.glob("checkpoint-*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def _prune_checkpoints(folder: Path, keep: int) -> None:
+    found = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
+    for old in found[: max(0, len(found) - max(keep, 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    checkpoint: Path,
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> tuple[int, list[float]]:
+    state = json.loads((checkpoint / "state.json").read_text())
+    recipe.load_adapter_state_dict(load_file(checkpoint / "adapter.safetensors"))
+    _optimizer_from_tensors(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
+    generator.set_state(load_file(checkpoint / "rng.safetensors")["generator"])
+    return int(state["step"]), list(state["loss_history"])
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+
+def train(
+    recipe: Recipe,
+    config: TrainConfig,
+    work_dir: str | Path,
+    *,
+    resume: bool = False,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
+    on_sample: Callable[[int], None] | None = None,
+    cancel: CancelToken | None = None,
+    accelerator: Any = None,
+) -> TrainResult:
+    """Train `recipe` for `config.steps` steps, checkpointing into `work_dir`.
+
+    With `resume=True`, training continues from the newest checkpoint in `work_dir` (or starts fresh if
+    there is none). Cancelling raises `TrainingCancelled` after writing a checkpoint of the last finished step.
+    """
+    from accelerate import Accelerator
+
+    work_dir = Path(work_dir)
+    if accelerator is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        mixed = resolve_mixed_precision(config.mixed_precision, torch.device(device_type))
+        accelerator = Accelerator(mixed_precision=mixed, cpu=device_type == "cpu")
+    recipe.setup(accelerator, config)
+    module = recipe.trainable_module()
+    params = recipe.trainable_parameters()
+    optimizer = make_optimizer(params, config, accelerator.device)
+    module, optimizer = accelerator.prepare(module, optimizer)
+
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    start_step, loss_history, resumed_from = 0, [], None
+    if resume:
+        checkpoint = latest_checkpoint(work_dir)
+        if checkpoint is not None:
+            start_step, loss_history = load_checkpoint(checkpoint, recipe, optimizer, generator)
+            resumed_from = start_step
+
+    started = time.perf_counter()
+    last_saved = start_step
+    step = start_step
+    module.train()
+    try:
+        while step < config.steps:
+            if cancel is not None and cancel.cancelled:
+                raise TrainingCancelled(f"training cancelled at step {step}")
+            with accelerator.accumulate(module):
+                loss, terms = recipe.loss(generator)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; try a lower learning rate")
+                accelerator.backward(loss)
+                if config.max_grad_norm and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(loss.detach().item())
+            loss_history.append(loss_value)
+            if on_progress is not None:
+                elapsed = time.perf_counter() - started
+                done = step - start_step
+                rate = done / elapsed if elapsed > 0 else 0.0
+                eta = (config.steps - step) / rate if rate > 0 else math.inf
+                on_progress(ProgressEvent(step, config.steps, loss_value, elapsed, rate, eta, terms))
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                path = save_checkpoint(work_dir, step, recipe, optimizer, generator, loss_history, config)
+                _prune_checkpoints(work_dir, config.checkpoints_to_keep)
+                last_saved = step
+                if on_checkpoint is not None:
+                    on_checkpoint(step, path)
+            if on_sample is not None and config.sample_every and step % config.sample_every == 0:
+                on_sample(step)
+    except TrainingCancelled:
+        if step > last_saved:
+            save_checkpoint(work_dir, step, recipe, optimizer, generator, loss_history, config)
+            _prune_checkpoints(work_dir, config.checkpoints_to_keep)
+        raise
+    return TrainResult(step, loss_history, time.perf_counter() - started, resumed_from)
