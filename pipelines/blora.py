@@ -238,12 +238,6 @@ class TrainRequest:
     keep_checkpoints: bool = False
 
 
-def work_dir_for(out: str | Path) -> Path:
-    """Where an unfinished run keeps its checkpoints: `<out>.partial`, beside the package."""
-    out = Path(out)
-    return out.parent / f"{out.name}.partial"
-
-
 def prepare_request(request: TrainRequest):
     """Validate every input before any model is loaded; return (spec, cropped image, token, out, work dir)."""
     import hashlib
@@ -252,6 +246,7 @@ def prepare_request(request: TrainRequest):
     from pipelines.models import resolve_model
     from pipelines.package import check_name, check_token, token_for_image
     from pipelines.storage import check_writable_target
+    from pipelines.training import work_dir_for
 
     spec = resolve_model(request.model)
     if spec.arch != "sdxl":
@@ -283,31 +278,15 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
     """
     import shutil
 
+    from pipelines.generation import preview_image, sample_with_parts
     from pipelines.models import load_pipeline
     from pipelines.package import PackageContents, write_package
-    from pipelines.storage import write_json
-    from pipelines.training import latest_checkpoint, train
+    from pipelines.training import discard_if_unused, prepare_work_dir, train
 
     spec, crop, token, out, work, resolution, fingerprint = prepare_request(request)
     settings = BLoRASettings(token=token, rank=request.rank, resolution=resolution)
     job = {"method": "b-lora", "image_sha256": fingerprint, "token": token, "rank": request.rank,
            "resolution": resolution, "model": spec.name, "seed": request.seed}
-    job_file = work / "job.json"
-    if latest_checkpoint(work) is not None:
-        import json
-
-        previous = json.loads(job_file.read_text()) if job_file.is_file() else {}
-        if request.restart:
-            shutil.rmtree(work)
-        elif not request.resume:
-            raise ValueError(
-                f"an unfinished run exists in {work}; pass --resume to continue it or --restart to start over"
-            )
-        elif {k: previous.get(k) for k in job} != job:
-            changed = sorted(k for k in job if previous.get(k) != job[k])
-            raise ValueError(f"cannot resume from {work}: the run used a different {', '.join(changed)}")
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(job_file, job)
 
     config = default_train_config(
         steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
@@ -317,15 +296,17 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
     )
     if pipe is None:
         pipe = load_pipeline(request.model)
+    prepare_work_dir(work, job, resume=request.resume, restart=request.restart)
     recipe = BLoRARecipe(pipe, crop, settings)
     sample_steps = request.sample_steps or spec.steps
 
     def preview(step: int) -> None:
         if on_sample is not None:
-            on_sample(step, _preview(pipe, settings.prompt, resolution, sample_steps, request.seed, spec))
+            on_sample(step, preview_image(pipe, settings.prompt, resolution, sample_steps, request.seed, spec))
 
-    result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
-                   on_sample=preview if on_sample else None, cancel=cancel)
+    with discard_if_unused(work):
+        result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
+                       on_sample=preview if on_sample else None, cancel=cancel)
     full = recipe.adapter_state_dict()
     recipe.remove_adapter()
     parts = split_by_block(full, settings.blocks)
@@ -337,8 +318,8 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
             "content": (("content",), f"A {token}"),
             "style": (("style",), f"A cat in {token} style"),
         }.items():
-            samples[stem] = _sample_with_parts(pipe, {r: parts[r] for r in active}, prompt, resolution,
-                                               sample_steps, request.seed, spec)
+            samples[stem] = sample_with_parts(pipe, {r: parts[r] for r in active}, prompt, resolution,
+                                              sample_steps, request.seed, spec)
             sample_prompts[stem] = prompt
     ranks = {role: request.rank for role in parts}
     info = {
@@ -366,51 +347,3 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
     if not request.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def _preview(pipe, prompt: str, resolution: int, steps: int, seed: int, spec) -> Image.Image:
-    """An image from the adapter being trained, without disturbing training state."""
-    unet = pipe.unet
-    was_training = unet.training
-    unet.eval()
-    vae_device = pipe.vae.device
-    device = unet.device
-    try:
-        pipe.vae.to(device)
-        pipe.text_encoder.to(device)
-        pipe.text_encoder_2.to(device)
-        with torch.no_grad():
-            image = pipe(prompt, num_inference_steps=steps, guidance_scale=spec.guidance, width=resolution,
-                         height=resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-    finally:
-        if device.type != "cpu":
-            pipe.vae.to(vae_device)
-            pipe.text_encoder.to(vae_device)
-            pipe.text_encoder_2.to(vae_device)
-        unet.train(was_training)
-    return image
-
-
-def _sample_with_parts(pipe, parts: dict[str, dict[str, torch.Tensor]], prompt: str, resolution: int,
-                       steps: int, seed: int, spec) -> Image.Image:
-    """Generate with the given parts loaded as named adapters, then take them out again."""
-    from pipelines.formats import to_diffusers
-
-    device = pipe.unet.device
-    pipe.vae.to(device)
-    pipe.text_encoder.to(device)
-    pipe.text_encoder_2.to(device)
-    pipe.unet.eval()
-    names = []
-    try:
-        for role, state in parts.items():
-            name = f"sample_{role}"
-            pipe.load_lora_weights(to_diffusers(state), adapter_name=name)
-            names.append(name)
-        pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
-        with torch.no_grad():
-            return pipe(prompt, num_inference_steps=steps, guidance_scale=spec.guidance, width=resolution,
-                        height=resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-    finally:
-        if names:
-            pipe.delete_adapters(names)

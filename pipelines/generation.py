@@ -165,3 +165,54 @@ class StudioPipeline:
         if callback is not None:
             kwargs["callback_on_step_end"] = callback
         return self.pipe(**kwargs).images
+
+
+# -- previews during and after training -----------------------------------------------------------------
+
+_HELPERS = ("vae", "text_encoder", "text_encoder_2")
+
+
+def _denoiser_of(pipe) -> torch.nn.Module:
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+def _call(pipe, prompt: str, resolution: int, steps: int, seed: int, guidance: float) -> Image.Image:
+    """Run the pipeline with the text encoders and VAE on the denoiser's device, then put them back."""
+    denoiser = _denoiser_of(pipe)
+    device = denoiser.device
+    homes = {name: getattr(pipe, name).device for name in _HELPERS if getattr(pipe, name, None) is not None}
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        for name in homes:
+            getattr(pipe, name).to(device)
+        with torch.no_grad():
+            return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, width=resolution,
+                        height=resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    finally:
+        for name, home in homes.items():
+            getattr(pipe, name).to(home)
+        denoiser.train(was_training)
+
+
+def preview_image(pipe, prompt: str, resolution: int, steps: int, seed: int, spec) -> Image.Image:
+    """An image from the adapter being trained (whatever adapters are active), without disturbing training."""
+    return _call(pipe, prompt, resolution, steps, seed, spec.guidance)
+
+
+def sample_with_parts(pipe, parts: dict[str, dict[str, torch.Tensor]], prompt: str, resolution: int,
+                      steps: int, seed: int, spec) -> Image.Image:
+    """Generate with the given canonical parts loaded as temporary named adapters, then remove them."""
+    prefix = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    names = []
+    try:
+        for role, state in parts.items():
+            name = f"sample_{role}"
+            pipe.load_lora_weights(formats.to_diffusers(state, prefix), adapter_name=name)
+            names.append(name)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
+        return _call(pipe, prompt, resolution, steps, seed, spec.guidance)
+    finally:
+        if names:
+            pipe.delete_adapters(names)

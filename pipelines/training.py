@@ -11,12 +11,13 @@ Checkpoints are safetensors only (weights, optimizer tensors, generator state) p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -218,6 +219,44 @@ def load_checkpoint(
     _optimizer_from_tensors(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
     generator.set_state(load_file(checkpoint / "rng.safetensors")["generator"])
     return int(state["step"]), list(state["loss_history"])
+
+
+def work_dir_for(out: str | Path) -> Path:
+    """Where an unfinished run keeps its checkpoints: `<out>.partial`, beside the package."""
+    out = Path(out)
+    return out.parent / f"{out.name}.partial"
+
+
+def prepare_work_dir(work: Path, job: dict, *, resume: bool, restart: bool) -> None:
+    """Create the run's work folder, refusing to silently discard or mismatch an unfinished run.
+
+    `job` holds what must not change between a run and its resumption (image hash, token, rank, ...).
+    """
+    job_file = work / "job.json"
+    if latest_checkpoint(work) is not None:
+        previous = json.loads(job_file.read_text()) if job_file.is_file() else {}
+        if restart:
+            shutil.rmtree(work)
+        elif not resume:
+            raise ValueError(
+                f"an unfinished run exists in {work}; pass --resume to continue it or --restart to start over"
+            )
+        elif {k: previous.get(k) for k in job} != job:
+            changed = sorted(k for k in job if previous.get(k) != job[k])
+            raise ValueError(f"cannot resume from {work}: the run used a different {', '.join(changed)}")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(job_file, job)
+
+
+@contextlib.contextmanager
+def discard_if_unused(work: Path) -> Iterator[None]:
+    """Remove the work folder if the run inside fails before writing any checkpoint."""
+    try:
+        yield
+    except BaseException:
+        if latest_checkpoint(work) is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 # -- the loop ------------------------------------------------------------------------------------------

@@ -1,0 +1,276 @@
+"""`blockstudio` commands: train, generate, import, inspect, models, app.
+
+Every command validates its input before loading a model, prints one-line errors (exit code 2) for bad
+input, and never leaves half-written files behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (download bars, harmless LoRA-loading notices) out of the user's terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except Exception:
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressPrinter:
+    """Step, loss, it/s and ETA on one updating line (a line every 10% when not a terminal)."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last_reported = -1
+
+    def __call__(self, event) -> None:
+        text = (f"step {event.step}/{event.total_steps}  loss {event.loss:.4f}  "
+                f"{event.steps_per_s:.2f} it/s  ETA {_format_seconds(event.eta_s)}")
+        if self.tty:
+            end = "\n" if event.step == event.total_steps else ""
+            self.stream.write("\r" + text.ljust(70) + end)
+            self.stream.flush()
+            return
+        tenth = max(event.total_steps // 10, 1)
+        if event.step % tenth == 0 or event.step == event.total_steps:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+
+def cmd_train_blora(args: argparse.Namespace) -> int:
+    from pipelines.blora import TrainRequest, prepare_request, train_blora
+
+    request = TrainRequest(
+        image=args.image, out=args.out, model=args.model, steps=args.steps, rank=args.rank,
+        learning_rate=args.lr, resolution=args.resolution, token=args.token, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, samples=not args.no_samples, sample_steps=args.sample_steps,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        use_8bit_adam=args.use_8bit_adam, resume=args.resume, restart=args.restart,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+    prepare_request(request)  # every input checked before the model loads
+    return _run_training(lambda **kw: train_blora(request, **kw), args.out)
+
+
+def _run_training(run, out: str) -> int:
+    from pipelines.training import CancelToken, TrainingCancelled, work_dir_for
+
+    cancel = CancelToken()
+    started = time.perf_counter()
+    try:
+        path = run(on_progress=ProgressPrinter(), cancel=cancel)
+    except KeyboardInterrupt:
+        print(f"\ncancelled; checkpoints are in {work_dir_for(out)} (use --resume to continue)", file=sys.stderr)
+        return EXIT_CANCELLED
+    except TrainingCancelled as exc:
+        print(f"{exc}; resume with --resume", file=sys.stderr)
+        return EXIT_CANCELLED
+    print(f"adapter package written to {path} in {_format_seconds(time.perf_counter() - started)}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipelines.generation import AdapterChoice, StudioPipeline
+    from pipelines.package import AdapterPackage
+    from pipelines.storage import atomic_file
+
+    content = AdapterChoice(AdapterPackage.open(args.content), args.content_part, args.content_scale) \
+        if args.content else None
+    style = AdapterChoice(AdapterPackage.open(args.style), "style", args.style_scale) if args.style else None
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"--out must end in .png, .jpg or .webp, not {out.name!r}")
+    model = args.model or (content or style).package.base_model if (content or style) else args.model
+    if not model:
+        raise ValueError("give --model (or an adapter package, whose base model is then used)")
+    studio = StudioPipeline(model)
+    images = studio.generate(
+        args.prompt, content=content, style=style, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        width=args.width, height=args.height, negative_prompt=args.negative_prompt, num_images=args.num_images,
+    )
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        with atomic_file(path) as tmp:
+            image.save(tmp, format=_pil_format(path))
+        print(path)
+    return 0
+
+
+def _pil_format(path: Path) -> str:
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from pipelines.importer import import_lora
+
+    path = import_lora(args.file, args.out, model=args.model, token=args.token, method=args.method,
+                       pipe=None)
+    print(f"imported into {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.formats import read_safetensors
+    from pipelines.package import AdapterPackage
+
+    path = Path(args.path)
+    if path.is_dir():
+        print(json.dumps(AdapterPackage.open(path).info, indent=2, sort_keys=True))
+        return 0
+    tensors, metadata = read_safetensors(path)
+    print(json.dumps({"tensors": len(tensors), "metadata": metadata}, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipelines.models import REGISTRY, model_path
+
+    if args.action == "list":
+        for spec in REGISTRY.values():
+            print(f"{spec.name:14s} {spec.arch:5s} {spec.repo_id or '(built locally)':42s} {spec.description}")
+        return 0
+    if not args.name:
+        raise ValueError("models path needs a model name, e.g. blockstudio models path tiny-sdxl")
+    print(model_path(args.name))
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from studio.app import launch
+
+    launch(host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------------
+
+
+def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, lr: float) -> None:
+    p.add_argument("--image", required=True, help="the one image to learn from (JPEG, PNG or WebP)")
+    p.add_argument("--out", required=True, help="folder for the adapter package")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--rank", type=int, default=rank)
+    p.add_argument("--lr", type=float, default=lr, help="learning rate")
+    p.add_argument("--resolution", type=int, default=None, help="training size (default: the model's)")
+    p.add_argument("--token", default=None, help="trigger token (default: one derived from the image, e.g. [v42])")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in OUT.partial")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run in OUT.partial")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--no-samples", action="store_true", help="skip the preview images")
+    p.add_argument("--sample-steps", type=int, default=None)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blockstudio", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train content and style adapters from one image")
+    methods = train.add_subparsers(dest="method", required=True)
+    blora = methods.add_parser("blora", help="B-LoRA on SDXL")
+    blora.add_argument("--model", default="sdxl", help="sdxl, tiny-sdxl, a Hub id or a local SDXL folder")
+    _add_training_options(blora, steps=1000, rank=64, lr=5e-5)
+    blora.set_defaults(func=cmd_train_blora)
+
+    gen = sub.add_parser("generate", help="generate with content and/or style adapters")
+    gen.add_argument("--model", default=None, help="base model (default: the adapters' base model)")
+    gen.add_argument("--content", default=None, help="package whose content adapter to use")
+    gen.add_argument("--style", default=None, help="package whose style adapter to use")
+    gen.add_argument("--content-scale", type=float, default=1.0)
+    gen.add_argument("--style-scale", type=float, default=1.0)
+    gen.add_argument("--content-part", default="content", help="which content part (SplitFlux: content_reembed)")
+    gen.add_argument("--prompt", default=None, help='e.g. "A [c] in [s] style"; [c]/[s] become the tokens')
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--out", required=True, help="image file to write (.png, .jpg, .webp)")
+    gen.set_defaults(func=cmd_generate)
+
+    imp = sub.add_parser("import", help="import a LoRA made elsewhere into an adapter package")
+    imp.add_argument("file", help="a .safetensors LoRA (official B-LoRA, diffusers, kohya)")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--model", default="sdxl")
+    imp.add_argument("--token", default=None, help="the trigger token it was trained with (default: [v])")
+    imp.add_argument("--method", default="b-lora", choices=["b-lora"])
+    imp.set_defaults(func=cmd_import)
+
+    ins = sub.add_parser("inspect", help="show a package's adapter.json or a file's safetensors metadata")
+    ins.add_argument("path")
+    ins.set_defaults(func=cmd_inspect)
+
+    models = sub.add_parser("models", help="list models, or print a model's local diffusers folder")
+    models.add_argument("action", choices=["list", "path"])
+    models.add_argument("name", nargs="?")
+    models.set_defaults(func=cmd_models)
+
+    app = sub.add_parser("app", help="start the studio in the browser")
+    app.add_argument("--host", default="127.0.0.1")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--share", action="store_true")
+    app.set_defaults(func=cmd_app)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"blockstudio: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
