@@ -210,9 +210,19 @@ def normalize_lora(
     return _fold_alpha(modules, alphas)
 
 
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The model's Linear layers by their base names, also once adapters are loaded into it.
+
+    A PEFT adapter wraps each targeted Linear and moves it to `<name>.base_layer`; the base name is the one
+    every LoRA file uses, so the wrapper must not hide the layer.
+    """
+    return {name.removesuffix(".base_layer"): m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
 def validate_against(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, int]:
     """Check every module exists as a Linear layer of `model` with matching shapes; return {module: rank}."""
-    linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear = linear_layers(model)
     ranks = {}
     for module, (a, b) in lora_modules(state_dict).items():
         layer = linear.get(module)
