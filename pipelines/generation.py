@@ -72,7 +72,9 @@ class StudioPipeline:
         self.pipe = pipe if pipe is not None else load_pipeline(model, device=device, dtype=dtype)
         self.base_loads = 0 if pipe is not None else 1
         self.adapter_loads = 0
+        self.hotswaps = 0  # how many of the adapter loads replaced weights in place
         self.hotswap_rank = hotswap_rank
+        self._targets: dict[str, frozenset[str]] = {}  # slot -> modules its adapter covers
         self._loaded: dict[str, tuple[str, float]] = {}  # slot -> (file, mtime) currently in the model
         self._module_names: list[str] | None = None
         if hotswap_rank is not None:
@@ -85,7 +87,8 @@ class StudioPipeline:
     def _component(self) -> str:
         return "transformer" if self.spec.arch == "flux" else "unet"
 
-    def _check_package(self, choice: AdapterChoice) -> None:
+    def _check_package(self, choice: AdapterChoice) -> tuple[frozenset[str], int]:
+        """Refuse a package that does not fit the model; return the modules it targets and its largest rank."""
         arch = choice.package.info.get("arch", "sdxl")
         if arch != self.spec.arch:
             raise InvalidAdapter(
@@ -95,7 +98,8 @@ class StudioPipeline:
         if self._module_names is None:
             self._module_names = list(formats.linear_layers(self.denoiser))
         canonical = formats.normalize_lora(tensors, self._module_names, component=self._component())
-        formats.validate_against(canonical, self.denoiser)
+        ranks = formats.validate_against(canonical, self.denoiser)
+        return frozenset(ranks), max(ranks.values())
 
     def _set_slot(self, slot: str, choice: AdapterChoice | None) -> None:
         current = self._loaded.get(slot)
@@ -103,22 +107,29 @@ class StudioPipeline:
             if current is not None:
                 self.pipe.delete_adapters(slot)
                 del self._loaded[slot]
+                self._targets.pop(slot, None)
             return
         file = choice.file
         key = (str(file.resolve()), file.stat().st_mtime)
         if current == key:
             return
-        self._check_package(choice)
+        targets, rank = self._check_package(choice)
         # Load from the file itself (not the tensors read for checking) so that diffusers also sees the
         # file's PEFT metadata, exactly as a user's own `load_lora_weights(folder, weight_name=...)` does.
         source = dict(pretrained_model_name_or_path_or_dict=str(file.parent), weight_name=file.name)
-        if current is not None and self.hotswap_rank is not None:
+        # Hotswap replaces weights in place, which only works for the same layers and a rank that fits the
+        # padded size; any other swap deletes the slot's adapter and loads the new one.
+        hotswap = (current is not None and self.hotswap_rank is not None and rank <= self.hotswap_rank
+                   and self._targets.get(slot) == targets)
+        if hotswap:
             self.pipe.load_lora_weights(**source, adapter_name=slot, hotswap=True)
+            self.hotswaps += 1
         else:
             if current is not None:
                 self.pipe.delete_adapters(slot)
             self.pipe.load_lora_weights(**source, adapter_name=slot)
         self._loaded[slot] = key
+        self._targets[slot] = targets
         self.adapter_loads += 1
 
     def set_adapters(self, content: AdapterChoice | None = None, style: AdapterChoice | None = None) -> None:

@@ -1,66 +1,190 @@
-"""The Block Studio web app: a minimal first version that trains a B-LoRA and mixes packages."""
+"""The Block Studio web app: `build_app()` assembles the tabs around the process-wide services, `launch()` serves it.
+
+`blockstudio app` and the Space's `app.py` both call `launch()`. With a GPU the studio offers SDXL (and Flux);
+without one it runs on the tiny offline models and says so at the top of the page.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
-import tempfile
+import secrets
 from pathlib import Path
+from typing import Any
 
-from pipelines.storage import home_dir
+import gradio as gr
+
+from pipelines.models import REGISTRY
+from pipelines.storage import atomic_file, home_dir
+from studio.gpu import on_zero_gpu
+from studio.jobs import JobManager
+from studio.mixing import GenerationService
+from studio.ui import library as library_tab
+from studio.ui import mix as mix_tab
+from studio.ui import reembed as reembed_tab
+from studio.ui import share as share_tab
+from studio.ui import train as train_tab
+from studio.ui.common import Studio, package_choices
+from studio.workspace import is_workspace_id, new_workspace_id, workspaces_root
+
+MAX_UPLOAD = os.environ.get("BLOCKSTUDIO_MAX_UPLOAD", "1gb")  # a rank-64 SDXL package zip is about 500 MB
+
+CSS = """
+.bs-header h1 { margin-bottom: 0; }
+.bs-header p { margin-top: 4px; opacity: .8; }
+.bs-banner { border-radius: 10px; padding: 10px 14px !important; margin-bottom: 6px; }
+.bs-banner.cpu { background: #fff7e6; border: 1px solid #f5c26b; color: #5c3b00; }
+.bs-banner.zero { background: #eef4ff; border: 1px solid #9db8f2; color: #1d3571; }
+.bs-banner p { margin: 0; }
+.bs-job { border: 1px solid var(--border-color-primary); border-radius: 12px; padding: 14px 16px;
+          background: var(--block-background-fill); }
+.bs-job.bs-empty { color: var(--body-text-color-subdued); }
+.bs-job-head { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; margin-bottom: 10px; }
+.bs-dim { color: var(--body-text-color-subdued); }
+.bs-badge { font-size: 12px; font-weight: 600; padding: 2px 10px; border-radius: 999px;
+            background: #e5e7eb; color: #374151; text-transform: uppercase; letter-spacing: .04em; }
+.bs-running .bs-badge, .bs-cancelling .bs-badge { background: #e0e7ff; color: #3730a3; }
+.bs-done .bs-badge { background: #dcfce7; color: #166534; }
+.bs-failed .bs-badge { background: #fee2e2; color: #991b1b; }
+.bs-cancelled .bs-badge, .bs-interrupted .bs-badge { background: #fef3c7; color: #92400e; }
+.bs-bar { height: 12px; border-radius: 999px; background: var(--neutral-200, #e5e7eb); overflow: hidden; }
+.bs-bar > div { height: 100%; border-radius: 999px; transition: width .6s ease;
+                background: linear-gradient(90deg, #6366f1, #ec4899); }
+.bs-stats { display: flex; gap: 22px; flex-wrap: wrap; margin-top: 8px; font-variant-numeric: tabular-nums; }
+.bs-note { margin-top: 8px; color: var(--body-text-color-subdued); }
+"""
 
 
-def default_model() -> str:
-    """Real SDXL on a GPU, the tiny offline model elsewhere (or when BLOCKSTUDIO_MODEL says so)."""
+def detect_gpu() -> bool:
     import torch
 
-    return os.environ.get("BLOCKSTUDIO_MODEL") or ("sdxl" if torch.cuda.is_available() else "tiny-sdxl")
+    return torch.cuda.is_available()
 
 
-def build_app():
-    import gradio as gr
+def default_models(gpu: bool) -> dict[str, str]:
+    """Base model per architecture: SDXL and Flux on a GPU, the tiny ones elsewhere; BLOCKSTUDIO_MODEL overrides."""
+    models = {"sdxl": "sdxl", "flux": "flux-dev"} if gpu else {"sdxl": "tiny-sdxl", "flux": "tiny-flux"}
+    chosen = os.environ.get("BLOCKSTUDIO_MODEL")
+    if chosen in REGISTRY:
+        models[REGISTRY[chosen].arch] = chosen
+    return models
 
-    from pipelines.blora import TrainRequest, train_blora
-    from pipelines.generation import AdapterChoice, StudioPipeline
-    from pipelines.package import AdapterPackage
 
-    model = default_model()
-    packages = home_dir() / "packages"
+def browser_secret(home: Path) -> str:
+    """The key the browser's workspace id is stored under; stable across restarts so users find their work."""
+    if os.environ.get("BLOCKSTUDIO_SECRET"):
+        return os.environ["BLOCKSTUDIO_SECRET"]
+    path = home / "browser-secret"
+    if not path.is_file():
+        with atomic_file(path) as tmp:
+            tmp.write_text(secrets.token_urlsafe(24))
+            tmp.chmod(0o600)
+    return path.read_text().strip()
 
-    def train(image_path, steps, progress=gr.Progress()):
-        if not image_path:
-            raise gr.Error("upload an image first")
-        out = Path(tempfile.mkdtemp(prefix="pkg-", dir=packages.mkdir(parents=True, exist_ok=True) or packages))
-        try:
-            path = train_blora(
-                TrainRequest(image=image_path, out=out / "adapter", model=model, steps=int(steps)),
-                on_progress=lambda e: progress(e.step / e.total_steps, desc=f"step {e.step}, loss {e.loss:.3f}"),
-            )
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
-        return str(path), str(path / "samples" / "full.png")
 
-    def mix(content_dir, style_dir, prompt, seed):
-        studio = StudioPipeline(model)
-        content = AdapterChoice(AdapterPackage.open(content_dir), "content") if content_dir else None
-        style = AdapterChoice(AdapterPackage.open(style_dir), "style") if style_dir else None
-        return studio.generate(prompt or None, content=content, style=style, seed=int(seed))[0]
+def banner(gpu: bool) -> tuple[str, str] | None:
+    if not gpu:
+        return ("cpu", "**No GPU here, so the studio runs on tiny random-weight models** (`tiny-sdxl`). They make "
+                "noise, not pictures: they are for trying the whole workflow (train, mix, re-embed, export, "
+                "share) in seconds. Run Block Studio on a GPU for SDXL and Flux.")
+    if on_zero_gpu():
+        return ("zero", "**ZeroGPU.** Mixing and re-embedding get a GPU per request. Training runs for many "
+                "minutes and needs dedicated GPU hardware; on ZeroGPU, import adapters trained elsewhere.")
+    return None
 
-    with gr.Blocks(title="Block Studio") as demo:
-        gr.Markdown(f"# Block Studio\nBase model: `{model}`")
-        with gr.Row():
-            image = gr.Image(type="filepath", label="Your image")
-            steps = gr.Number(value=1000 if model == "sdxl" else 50, label="Steps", precision=0)
-        package = gr.Textbox(label="Package folder")
-        sample = gr.Image(label="Sample")
-        gr.Button("Train").click(train, [image, steps], [package, sample])
-        content_dir = gr.Textbox(label="Content package")
-        style_dir = gr.Textbox(label="Style package")
-        prompt = gr.Textbox(label="Prompt", value="A [c] in [s] style")
-        seed = gr.Number(value=0, label="Seed", precision=0)
-        result = gr.Image(label="Result")
-        gr.Button("Generate").click(mix, [content_dir, style_dir, prompt, seed], result)
+
+def build_app(home: Path | None = None, *, jobs: JobManager | None = None,
+              generation: GenerationService | None = None, hub_endpoint: str | None = None,
+              gpu: bool | None = None) -> gr.Blocks:
+    """The whole studio as a Gradio Blocks; its services are reachable as `demo.studio` (for tests)."""
+    home = Path(home) if home is not None else home_dir()
+    gpu = detect_gpu() if gpu is None else gpu
+    hotswap_rank = int(os.environ.get("BLOCKSTUDIO_HOTSWAP_RANK", "128")) or None
+    studio = Studio(
+        home=home,
+        jobs=jobs or JobManager(home),
+        generation=generation or GenerationService(hotswap_rank=hotswap_rank),
+        gpu=gpu,
+        default_models=default_models(gpu),
+        hub_endpoint=hub_endpoint,
+    )
+    notice = banner(gpu)
+    with gr.Blocks(title="Block Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        studio.workspace = gr.BrowserState(None, storage_key="blockstudio-workspace", secret=browser_secret(home))
+        gr.Markdown("# 🧱 Block Studio\nOne image in, a **content** adapter and a **style** adapter out. "
+                    "Then mix them: the subject of one picture in the style of another.",
+                    elem_classes=["bs-header"])
+        if notice:
+            gr.Markdown(notice[1], elem_classes=["bs-banner", notice[0]], elem_id="bs-banner")
+        with gr.Tabs():
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = train_tab.build(studio)
+            with gr.Tab("Library", id="library", elem_id="tab-library") as library_page:
+                library = library_tab.build(studio)
+            with gr.Tab("Mix", id="mix", elem_id="tab-mix") as mix_page:
+                mix = mix_tab.build(studio)
+            with gr.Tab("Re-embed", id="reembed", elem_id="tab-reembed") as reembed_page:
+                reembed_tab.build(studio)
+            with gr.Tab("Share", id="share", elem_id="tab-share") as share_page:
+                share_tab.build(studio)
+            with gr.Tab("Adapter lab", id="lab", elem_id="tab-lab"):
+                from studio.ui import lab
+
+                lab.build(studio)
+        _wire_pages(demo, studio, train, library, mix, [library_page, mix_page, reembed_page, share_page])
+    demo.studio = studio
     return demo
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
-    build_app().queue().launch(server_name=host, server_port=port, share=share)
+def _wire_pages(demo: gr.Blocks, studio: Studio, train, library, mix, pages: list[gr.Tab]) -> None:
+    """Page load restores the workspace and the newest job; opening a tab refreshes its package lists."""
+    ws = studio.workspace
+    pickers = [d for d, _ in studio.package_pickers]
+
+    def open_workspace(current: str | None) -> str:
+        return current if is_workspace_id(current) else new_workspace_id()
+
+    def refresh_pickers(workspace_id: str | None, *selected: str | None):
+        updates = []
+        for (_, part), value in zip(studio.package_pickers, selected, strict=True):
+            choices = package_choices(studio, workspace_id, part)
+            values = [v for _, v in choices]
+            updates.append(gr.Dropdown(choices=choices, value=value if value in values else
+                                       (values[0] if values else None)))
+        return updates
+
+    private = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    (demo.load(open_workspace, [ws], [ws], api_name="workspace", concurrency_limit=None)
+     .then(train.load_job, [ws], [train.job] + train.status_outputs, **private)
+     .then(refresh_pickers, [ws] + pickers, pickers, **private)
+     .then(library.refresh, [ws], library.outputs, **private)
+     .then(mix.refresh, [ws], mix.outputs, **private))
+    for page in pages:
+        page.select(refresh_pickers, [ws] + pickers, pickers, **private)
+    pages[0].select(library.refresh, [ws], library.outputs, **private)
+
+
+def launch_options(demo: gr.Blocks) -> dict[str, Any]:
+    """What `launch()` needs besides host and port: look, upload limit, and which files may be served."""
+    studio: Studio = demo.studio
+    root = workspaces_root(studio.home)
+    root.mkdir(parents=True, exist_ok=True)
+    return {
+        "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
+        "css": CSS,
+        "max_file_size": MAX_UPLOAD,
+        # Results and previews live in workspaces; a file there can only be named with its workspace's secret id.
+        "allowed_paths": [str(root)],
+        "show_error": False,
+        "footer_links": ["api", "settings"],
+    }
+
+
+def launch(host: str = "127.0.0.1", port: int | None = 7860, share: bool = False, *, demo: gr.Blocks | None = None,
+           **kwargs: Any):
+    """Build (unless given) and serve the studio; extra keyword arguments go to `Blocks.launch`."""
+    demo = demo or build_app()
+    atexit.register(demo.studio.jobs.close)
+    demo.queue(max_size=64, default_concurrency_limit=1)
+    options = {**launch_options(demo), **kwargs}
+    return demo.launch(server_name=host, server_port=port, share=share, **options)

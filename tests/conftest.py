@@ -37,3 +37,92 @@ def tiny_packages(tmp_path_factory) -> dict[str, Path]:
         )
         pipe.unload_lora_weights()
     return out
+
+
+# -- the app, served in-process ---------------------------------------------------------------------------
+
+
+class StudioServer:
+    """The studio launched on 127.0.0.1 for a test session, with helpers to drive it through gradio_client."""
+
+    def __init__(self, demo, url: str) -> None:
+        self.demo = demo
+        self.url = url
+
+    @property
+    def studio(self):
+        return self.demo.studio
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False)
+
+    def session(self) -> tuple:
+        """A fresh client and the new workspace the page would get on first load."""
+        client = self.client()
+        return client, client.predict(None, api_name="/workspace")
+
+
+def launch_studio(**build_kwargs) -> StudioServer:
+    from studio.app import build_app, launch
+
+    demo = build_app(**build_kwargs)
+    _, url, _ = launch(demo=demo, port=None, prevent_thread_lock=True, quiet=True)
+    return StudioServer(demo, url)
+
+
+def stop_studio(server: StudioServer) -> None:
+    server.demo.close()
+    server.studio.jobs.close()
+
+
+@pytest.fixture(scope="session")
+def studio_server():
+    from hub_standin import HUB_TOKEN, HubStandIn
+
+    with HubStandIn(HUB_TOKEN) as hub:
+        server = launch_studio(hub_endpoint=hub.url, gpu=False)
+        server.hub = hub
+        yield server
+        stop_studio(server)
+
+
+def start_job(client, workspace: str, image: Path, *, steps: int = 3, name: str = "", sample_every: int = 1) -> str:
+    """Press Start training through /train; return the new job's id."""
+    from gradio_client import handle_file
+
+    picker = client.predict(workspace, handle_file(str(image)), "b-lora", "tiny-sdxl", name, steps, 4, 1e-4, 0,
+                            sample_every, "", api_name="/train")[0]
+    return picker["value"]
+
+
+def job_record(client, workspace: str, job_id: str, action: str = "/job_status") -> dict:
+    """The job record as the page's poll (or a button: /cancel, /resume) returns it."""
+    outputs = client.predict(workspace, job_id, api_name=action)
+    return next(o for o in outputs if isinstance(o, dict) and "status" in o)
+
+
+def train_through_app(client, workspace: str, image: Path, *, steps: int = 3, name: str = "",
+                      sample_every: int = 1, timeout: float = 300.0) -> dict:
+    """Start a job and poll it as the page does until it stops; return its record."""
+    import time
+
+    job_id = start_job(client, workspace, image, steps=steps, name=name, sample_every=sample_every)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = job_record(client, workspace, job_id)
+        if record["status"] not in ("queued", "running", "cancelling"):
+            return record
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def trained(studio_server):
+    """One workspace with two packages trained through the app: `cat` and `coffee`."""
+    client, workspace = studio_server.session()
+    for name in ("cat", "coffee"):
+        record = train_through_app(client, workspace, EXAMPLES / f"{name}.jpg", name=name, sample_every=0)
+        assert record["status"] == "done", record
+    return client, workspace

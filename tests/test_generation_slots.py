@@ -37,4 +37,5 @@ def test_hotswap_gives_the_image_of_a_fresh_load(tiny_packages):
     swapped = _generate(hot, coffee, cat)
     fresh = _generate(StudioPipeline("tiny-sdxl"), coffee, cat)
     assert hot.base_loads == 1
+    assert hot.hotswaps == 2
     np.testing.assert_array_equal(swapped, fresh)

@@ -1,0 +1,79 @@
+"""Push an adapter package to the Hugging Face Hub as a model repository.
+
+The package folder already is a Hub model repo: its README.md is the model card, with front matter and
+widgets pointing at `samples/`. The token comes from `HF_TOKEN` or is typed for one push; it is passed to
+`huggingface_hub` for that call only, never written anywhere, and masked in every message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import BlockStudioError
+
+_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Things that never belong on the Hub: unfinished runs, staging folders, editor leftovers.
+IGNORE = [".*", "**/.*", "*.partial/**", "*.tmp"]
+
+
+class HubError(BlockStudioError):
+    """The push did not happen; the message says why (with any token masked)."""
+
+
+@dataclass
+class PushResult:
+    repo_url: str
+    commit_url: str
+    files: int
+
+
+def mask(text: str, *secrets: str | None) -> str:
+    """`text` with every secret replaced, and anything shaped like a Hub token too."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "hf_***")
+    return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+
+
+def resolve_token(typed: str | None) -> str:
+    token = (typed or "").strip() or os.environ.get("HF_TOKEN", "").strip()
+    if not token:
+        raise HubError("no Hugging Face token: enter a write token for this push, or set HF_TOKEN on the server")
+    if any(c.isspace() for c in token) or len(token) > 512:
+        raise HubError("that does not look like a Hugging Face token")
+    return token
+
+
+def check_repo_id(repo_id: str) -> str:
+    repo_id = (repo_id or "").strip()
+    if not _REPO_RE.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise HubError("repository must look like your-name/adapter-name (letters, digits, '-', '_', '.')")
+    return repo_id
+
+
+def push_package(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = True,
+                 endpoint: str | None = None) -> PushResult:
+    """Create (or reuse) the model repo and upload the package folder in one commit."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not (folder / "adapter.json").is_file() or not (folder / "README.md").is_file():
+        raise HubError(f"{folder.name} is not a complete adapter package (adapter.json and README.md needed)")
+    repo_id = check_repo_id(repo_id)
+    secret = resolve_token(token)
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
+    files = sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    try:
+        url = api.create_repo(repo_id, token=secret, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=url.repo_id, folder_path=folder, token=secret, repo_type="model", ignore_patterns=IGNORE,
+            commit_message=f"Upload {folder.name} adapter package from Block Studio",
+        )
+    except Exception as exc:
+        # Errors from the HTTP stack can echo headers or URLs; none of it may carry the token out.
+        detail = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, secret)
+        raise HubError(f"push to {repo_id} failed: {detail[:300]}") from None
+    return PushResult(repo_url=str(url), commit_url=commit.commit_url, files=files)

@@ -1,0 +1,102 @@
+"""The training methods the studio offers, and the models and defaults that go with each.
+
+A method names its recipe module, request class and train function (`train_blora`, `train_splitflux`: same
+contract). A method whose module is not installed shows as unavailable instead of breaking the app.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.models import REGISTRY, ModelSpec, resolve_model
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    arch: str
+    module: str
+    request: str
+    train: str
+    blurb: str
+
+    @property
+    def available(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    def functions(self) -> tuple[type, Any]:
+        """The request dataclass and the train function."""
+        module = importlib.import_module(self.module)
+        return getattr(module, self.request), getattr(module, self.train)
+
+    def build_request(self, **values: Any):
+        """A request from the values its dataclass knows; the others (a method's extras) are left out."""
+        request_cls, _ = self.functions()
+        known = {f.name for f in dataclasses.fields(request_cls)}
+        return request_cls(**{k: v for k, v in values.items() if k in known})
+
+    def defaults(self) -> dict[str, Any]:
+        """The request dataclass's own defaults (steps, rank, learning rate, ...)."""
+        if not self.available:
+            return {}
+        request_cls, _ = self.functions()
+        return {f.name: f.default for f in dataclasses.fields(request_cls)
+                if f.default is not dataclasses.MISSING}
+
+
+METHODS: dict[str, Method] = {
+    m.key: m
+    for m in (
+        Method("b-lora", "B-LoRA · SDXL", "sdxl", "pipelines.blora", "TrainRequest", "train_blora",
+               "Content and style LoRA on two attention blocks of SDXL's first up-block (Frenkel et al., 2024)."),
+        Method("splitflux", "SplitFlux · Flux", "flux", "pipelines.splitflux", "SplitFluxRequest",
+               "train_splitflux",
+               "Content and style from Flux's single-stream blocks, with a re-embedding content part."),
+    )
+}
+
+
+def method_for(key: str) -> Method:
+    if key not in METHODS:
+        raise ValueError(f"unknown method {key!r}; choose one of {', '.join(METHODS)}")
+    method = METHODS[key]
+    if not method.available:
+        raise ValueError(f"{method.label} is not installed in this build of Block Studio")
+    return method
+
+
+def models_for(arch: str) -> list[ModelSpec]:
+    return [spec for spec in REGISTRY.values() if spec.arch == arch]
+
+
+def check_model(name: str, arch: str) -> ModelSpec:
+    """Only registry models from the web: a path or arbitrary Hub id would let a visitor load anything."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown base model {name!r}; choose one of the list")
+    spec = resolve_model(name)
+    if spec.arch != arch:
+        raise ValueError(f"{name} is a {spec.arch.upper()} model; this method needs {arch.upper()}")
+    return spec
+
+
+def training_defaults(method: Method, spec: ModelSpec) -> dict[str, Any]:
+    """What the Train tab starts with: the recipe's defaults, shortened on the tiny models."""
+    values = method.defaults()
+    steps = int(values.get("steps", 1000))
+    if spec.tiny:
+        steps = min(steps, 50)
+    return {
+        "steps": steps,
+        "rank": int(values.get("rank", 64)),
+        "learning_rate": float(values.get("learning_rate", 5e-5)),
+        "seed": int(values.get("seed", 0)),
+        "sample_every": max(1, steps // 10),
+    }

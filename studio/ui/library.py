@@ -1,0 +1,146 @@
+"""The Library tab: every package of the workspace with its thumbnail and facts; rename, delete, import, inspect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from studio.methods import models_for
+from studio.ui.common import Studio, handler
+
+EMPTY = ("Your library is empty. Train a package in the **Train** tab, or import a Block Studio package "
+         "(.zip) or a B-LoRA .safetensors file below.")
+
+
+@dataclass
+class LibraryTab:
+    outputs: list
+    refresh: Any
+
+
+def build(studio: Studio) -> LibraryTab:
+    ws = studio.workspace
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Packages", columns=4, height=420, allow_preview=False,
+                                 object_fit="cover", elem_id="library-gallery", buttons=[])
+            empty = gr.Markdown(EMPTY, visible=True)
+            refresh = gr.Button("Refresh", size="sm")
+        with gr.Column(scale=2):
+            package = studio.package_picker("Package", None, elem_id="library-package")
+            facts = gr.Markdown()
+            with gr.Row():
+                new_name = gr.Textbox(label="New name", max_length=64, scale=3)
+                rename = gr.Button("Rename", scale=1)
+            delete = gr.Button("Delete…", variant="stop")
+            with gr.Group(visible=False) as confirm_box:
+                confirm_text = gr.Markdown()
+                with gr.Row():
+                    confirm = gr.Button("Delete permanently", variant="stop", elem_id="library-confirm-delete")
+                    keep = gr.Button("Keep it")
+            with gr.Accordion("Metadata", open=False):
+                details = gr.JSON(label="adapter.json and files")
+    with gr.Accordion("Import a package or a LoRA file", open=False):
+        with gr.Row():
+            upload = gr.File(label="Package .zip or .safetensors", file_types=[".zip", ".safetensors"],
+                             file_count="single", height=140)
+            with gr.Column():
+                import_name = gr.Textbox(label="Name", placeholder="from the file name", max_length=64)
+                import_model = gr.Dropdown([s.name for s in models_for("sdxl")], value=studio.default_models["sdxl"],
+                                           label="Base model (for .safetensors)")
+                import_token = gr.Textbox(label="Trigger token it was trained with (for .safetensors)",
+                                          placeholder="[v] if unknown", max_length=32)
+        do_import = gr.Button("Import", variant="primary")
+
+    def listing(workspace_id):
+        summaries = studio.library(workspace_id).list()
+        items = [(str(s.thumbnail), s.caption) for s in summaries if s.thumbnail]
+        # A package without previews (an imported file) still needs a tile: show its caption on a blank one.
+        items += [(_blank_tile(studio), s.caption) for s in summaries if not s.thumbnail]
+        names = [s.name for s in summaries if s.thumbnail] + [s.name for s in summaries if not s.thumbnail]
+        return items, names
+
+    @handler
+    def show_library(workspace_id, selected):
+        items, names = listing(workspace_id)
+        value = selected if selected in names else (names[0] if names else None)
+        choices = [(caption, name) for (_, caption), name in zip(items, names, strict=True)]
+        return (items, gr.Markdown(visible=not items), gr.Dropdown(choices=choices, value=value), names)
+
+    @handler
+    def inspect(workspace_id, name):
+        if not name:
+            return "", {}, ""
+        data = studio.library(workspace_id).inspect(name)
+        info = data["adapter"]
+        size = sum(data["files"].values()) / 1e6
+        facts = (f"**{name}** · {info.get('method', '?')} on `{info.get('base_model', '?')}`  \n"
+                 f"Token `{info.get('token', '?')}` · rank {info.get('rank', info.get('ranks', '?'))} · "
+                 f"{info.get('steps', '–')} steps · {str(info.get('created', ''))[:16].replace('T', ' ')} · "
+                 f"{size:.1f} MB")
+        return facts, data, name.removeprefix("shared:")
+
+    @handler
+    def rename_package(workspace_id, name, wanted):
+        new = studio.library(workspace_id).rename(name, wanted)
+        gr.Info(f"Renamed {name} to {new}.")
+        return show_library(workspace_id, new)
+
+    def ask_delete(name):
+        if not name:
+            raise gr.Error("Choose a package first.", print_exception=False)
+        return gr.Group(visible=True), f"Delete **{name}** and all its files? This cannot be undone."
+
+    @handler
+    def delete_package(workspace_id, name):
+        studio.library(workspace_id).delete(name)
+        gr.Info(f"Deleted {name}.")
+        return show_library(workspace_id, None) + (gr.Group(visible=False),)
+
+    @handler
+    def import_package(workspace_id, path, name, model, token):
+        if not path:
+            raise gr.Error("Choose a .zip or .safetensors file to import.", print_exception=False)
+        imported = studio.library(workspace_id).import_file(path, name=name or None, model=model or "sdxl",
+                                                          token=token or None)
+        gr.Info(f"Imported {imported}.")
+        return show_library(workspace_id, imported) + (None,)
+
+    names = gr.State([])
+    listed = [gallery, empty, package, names]
+
+    def select_tile(names_now, evt: gr.SelectData):
+        return names_now[evt.index] if evt.index is not None and evt.index < len(names_now) else gr.skip()
+
+    cheap = dict(concurrency_limit=None, show_progress="hidden")
+    refresh.click(show_library, [ws, package], listed, api_name="library", **cheap)
+    gallery.select(select_tile, [names], [package], api_visibility="private", **cheap)
+    package.change(inspect, [ws, package], [facts, details, new_name], api_name="inspect", **cheap)
+    rename.click(rename_package, [ws, package, new_name], listed, api_name="rename", **cheap)
+    delete.click(ask_delete, [package], [confirm_box, confirm_text], api_visibility="private", **cheap)
+    keep.click(lambda: gr.Group(visible=False), None, [confirm_box], api_visibility="private", **cheap)
+    confirm.click(delete_package, [ws, package], listed + [confirm_box], api_name="delete", **cheap)
+    do_import.click(import_package, [ws, upload, import_name, import_model, import_token], listed + [upload],
+                    api_name="import", concurrency_limit=2)
+    return LibraryTab(outputs=listed, refresh=lambda workspace_id: show_library(workspace_id, None))
+
+
+_BLANK: dict[str, str] = {}
+
+
+def _blank_tile(studio: Studio) -> str:
+    """A neutral square for packages without a preview image (written once per data folder)."""
+    key = str(studio.home)
+    if key not in _BLANK:
+        from PIL import Image
+
+        from studio.workspace import workspaces_root
+
+        path = workspaces_root(studio.home) / "no-preview.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (256, 256), (226, 228, 240)).save(path)
+        _BLANK[key] = str(path)
+    return _BLANK[key]

@@ -1,0 +1,137 @@
+"""The Mix tab: the content of one package with the style of another, as one image, a before/after, or a grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from pipelines.generation import AdapterChoice
+from studio.gpu import gpu
+from studio.mixing import GenerationSettings, parameters, parse_scales, recent_outputs, save_output
+from studio.ui.common import Studio, handler
+
+GENERATE = dict(concurrency_id="generate")
+
+
+@dataclass
+class MixTab:
+    outputs: list
+    refresh: Any
+
+
+def settings_controls() -> list[gr.components.Component]:
+    """Seed, steps, guidance and size; blank means the base model's default."""
+    with gr.Row():
+        seed = gr.Number(value=0, label="Seed", precision=0, minimum=0)
+        steps = gr.Number(value=None, label="Steps", precision=0, minimum=1, maximum=150,
+                          info="blank: the model's default")
+        guidance = gr.Number(value=None, label="Guidance", minimum=0, maximum=30, info="blank: the model's default")
+    with gr.Row():
+        width = gr.Number(value=None, label="Width", precision=0, info="blank: the model's size")
+        height = gr.Number(value=None, label="Height", precision=0, info="blank: the model's size")
+        negative = gr.Textbox(label="Negative prompt", max_length=500)
+    return [seed, steps, guidance, width, height, negative]
+
+
+def make_settings(seed, steps, guidance, width, height, negative) -> GenerationSettings:
+    """The settings controls' values as `GenerationSettings` (checked when used)."""
+    return GenerationSettings(seed=int(seed or 0), steps=steps or None, guidance=guidance,
+                              width=width or None, height=height or None, negative_prompt=negative or None)
+
+
+def choose(studio: Studio, workspace_id: str | None, name: str | None, part: str, scale: float) -> AdapterChoice | None:
+    if not name:
+        return None
+    package = studio.library(workspace_id).open(name)
+    return AdapterChoice(package, part, float(scale))
+
+
+def build(studio: Studio) -> MixTab:
+    ws = studio.workspace
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            with gr.Group():
+                with gr.Row():
+                    content = studio.package_picker("Content from", "content", elem_id="mix-content")
+                    content_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Content scale")
+                with gr.Row():
+                    style = studio.package_picker("Style from", "style", elem_id="mix-style")
+                    style_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Style scale")
+            prompt = gr.Textbox(value="A [c] in [s] style", label="Prompt", max_length=300, elem_id="mix-prompt",
+                                info="[c] becomes the content package's token, [s] the style package's.")
+            compare = gr.Checkbox(value=True, label="Before/after: also render the base model, same seed")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", size="lg", elem_id="mix-generate")
+                grid = gr.Button("Scale grid", size="lg", elem_id="mix-grid")
+            with gr.Accordion("Generation settings", open=False):
+                settings = settings_controls()
+            with gr.Accordion("Scale grid", open=False):
+                gr.Markdown("Every content scale against every style scale, same seed and prompt. A scale "
+                            "multiplies the adapter's weight delta (official B-LoRA `alpha = a` is a scale of a²).")
+                with gr.Row():
+                    content_scales_box = gr.Textbox(value="0.5, 1.0, 1.5", label="Content scales")
+                    style_scales_box = gr.Textbox(value="0.5, 1.0, 1.5", label="Style scales")
+        with gr.Column(scale=3):
+            compared = gr.ImageSlider(label="Before (base model) ⟷ after (with adapters)", type="pil",
+                                      format="png", height=420, elem_id="mix-slider", buttons=["download",
+                                                                                             "fullscreen"])
+            used = gr.Markdown(elem_id="mix-used")
+            grid_image = gr.Image(label="Scale grid", type="pil", format="png", visible=False, interactive=False,
+                                  buttons=["download", "fullscreen"], elem_id="mix-grid-image")
+    results = gr.Gallery(label="Your results (newest first)", columns=6, height=260, object_fit="contain",
+                         buttons=["download", "fullscreen"], elem_id="mix-results")
+
+    @handler
+    @gpu
+    def mix(workspace_id, content_name, content_scale, style_name, style_scale, prompt, with_base, seed, steps,
+            guidance, width, height, negative_prompt):
+        workspace = studio.workspace_of(workspace_id)
+        content_choice = choose(studio, workspace_id, content_name, "content", content_scale)
+        style_choice = choose(studio, workspace_id, style_name, "style", style_scale)
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+        prompt_text = (prompt or "").strip() or None
+        if prompt_text is None:
+            raise gr.Error("Write a prompt, e.g. 'A [c] in [s] style'.", print_exception=False)
+        if with_base:
+            before, after, expanded = studio.generation.compare(prompt_text, content=content_choice,
+                                                                style=style_choice, settings=values)
+        else:
+            after, expanded = studio.generation.generate(prompt_text, content=content_choice, style=style_choice,
+                                                         settings=values)
+            before = after
+        save_output(workspace, after, parameters(prompt_text, content_choice, style_choice, values,
+                                                 expanded=expanded))
+        return ((before, after), f"Prompt as the model saw it: `{expanded}`", recent_outputs(workspace),
+                gr.Image(visible=False))
+
+    @handler
+    @gpu
+    def scale_grid(workspace_id, content_name, style_name, prompt, content_scales, style_scales, seed, steps,
+                   guidance, width, height, negative_prompt, progress=gr.Progress()):
+        workspace = studio.workspace_of(workspace_id)
+        if not content_name or not style_name:
+            raise gr.Error("A grid needs both a content and a style package.", print_exception=False)
+        content_choice = choose(studio, workspace_id, content_name, "content", 1.0)
+        style_choice = choose(studio, workspace_id, style_name, "style", 1.0)
+        rows, cols = parse_scales(content_scales, "content"), parse_scales(style_scales, "style")
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+        prompt = (prompt or "").strip() or "A [c] in [s] style"
+        image, _ = studio.generation.grid(
+            prompt, content=content_choice, style=style_choice,
+            content_scales=rows, style_scales=cols, settings=values,
+            on_image=lambda done, total: progress((done, total), desc=f"image {done} of {total}"),
+        )
+        save_output(workspace, image, parameters(prompt, content_choice, style_choice, values, grid=[rows, cols]))
+        return gr.Image(value=image, visible=True), recent_outputs(workspace)
+
+    @handler
+    def show_results(workspace_id):
+        return recent_outputs(studio.workspace_of(workspace_id))
+
+    generate.click(mix, [ws, content, content_scale, style, style_scale, prompt, compare] + settings,
+                   [compared, used, results, grid_image], api_name="mix", **GENERATE)
+    grid.click(scale_grid, [ws, content, style, prompt, content_scales_box, style_scales_box] + settings,
+               [grid_image, results], api_name="grid", **GENERATE)
+    return MixTab(outputs=[results], refresh=show_results)

@@ -1,0 +1,84 @@
+"""The Re-embed tab: put a package's subject into new prompts, and apply a package's style to any prompt."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from pipelines.generation import AdapterChoice
+from studio.gpu import gpu
+from studio.mixing import CONTENT_TEMPLATES, STYLE_TEMPLATES, parameters, prompt_lines, save_output
+from studio.ui.common import Studio, handler
+from studio.ui.mix import GENERATE, make_settings, settings_controls
+
+
+def content_part(package) -> str:
+    """SplitFlux packages carry a part made for re-embedding; B-LoRA uses its content block."""
+    return "content_reembed" if package.has("content_reembed") else "content"
+
+
+def build(studio: Studio) -> None:
+    ws = studio.workspace
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### The subject in new scenes\nThe content adapter alone: `[c]` is your subject.")
+            content = studio.package_picker("Subject from", "content", elem_id="reembed-content")
+            content_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Content scale")
+            content_templates = gr.CheckboxGroup(list(CONTENT_TEMPLATES), value=list(CONTENT_TEMPLATES[:4]),
+                                                 label="Ready prompts")
+            content_free = gr.Textbox(label="Your prompts (one per line)", lines=2,
+                                      placeholder="A [c] riding a bicycle")
+            reembed = gr.Button("Generate", variant="primary", elem_id="reembed-go")
+            content_gallery = gr.Gallery(label="Subject in new prompts", columns=4, height=300,
+                                         object_fit="contain", buttons=["download", "fullscreen"], format="png")
+        with gr.Column():
+            gr.Markdown("### A style on any prompt\nThe style adapter alone: `[s]` is the style.")
+            style = studio.package_picker("Style from", "style", elem_id="reembed-style")
+            style_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Style scale")
+            style_templates = gr.CheckboxGroup(list(STYLE_TEMPLATES), value=list(STYLE_TEMPLATES[:4]),
+                                               label="Ready prompts")
+            style_free = gr.Textbox(label="Your prompts (one per line)", lines=2,
+                                    placeholder="A red bicycle in [s] style")
+            restyle = gr.Button("Generate", variant="primary", elem_id="restyle-go")
+            style_gallery = gr.Gallery(label="Style on new prompts", columns=4, height=300, object_fit="contain",
+                                       buttons=["download", "fullscreen"], format="png")
+    with gr.Accordion("Generation settings", open=False):
+        settings = settings_controls()
+
+    def run(workspace_id, name, part_of, scale, slot, templates, free, values, progress):
+        workspace = studio.workspace_of(workspace_id)
+        if not name:
+            raise gr.Error(f"Choose a {slot} package first.", print_exception=False)
+        package = studio.library(workspace_id).open(name)
+        choice = AdapterChoice(package, part_of(package), float(scale))
+        prompts = prompt_lines(templates, free)
+        placeholder = "[c]" if slot == "content" else "[s]"
+        results = []
+        for i, prompt in enumerate(prompts):
+            progress((i, len(prompts)), desc=f"prompt {i + 1} of {len(prompts)}")
+            if placeholder not in prompt.lower():
+                gr.Warning(f"'{prompt}' has no {placeholder}; the adapter acts without its token.")
+            kwargs = {"content": choice, "style": None} if slot == "content" else {"content": None, "style": choice}
+            image, expanded = studio.generation.generate(prompt, settings=values, **kwargs)
+            save_output(workspace, image, parameters(prompt, kwargs["content"], kwargs["style"], values,
+                                                     expanded=expanded))
+            results.append((image, prompt))
+        return results
+
+    @handler
+    @gpu
+    def subject_in_prompts(workspace_id, name, scale, templates, prompts, seed, steps, guidance, width, height,
+                           negative_prompt, progress=gr.Progress()):
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+        return run(workspace_id, name, content_part, scale, "content", templates, prompts, values, progress)
+
+    @handler
+    @gpu
+    def style_on_prompts(workspace_id, name, scale, templates, prompts, seed, steps, guidance, width, height,
+                         negative_prompt, progress=gr.Progress()):
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+        return run(workspace_id, name, lambda _: "style", scale, "style", templates, prompts, values, progress)
+
+    reembed.click(subject_in_prompts, [ws, content, content_scale, content_templates, content_free] + settings,
+                  [content_gallery], api_name="reembed", **GENERATE)
+    restyle.click(style_on_prompts, [ws, style, style_scale, style_templates, style_free] + settings,
+                  [style_gallery], api_name="restyle", **GENERATE)

@@ -1,0 +1,65 @@
+"""The Share tab: download a package as a zip, or push it to the Hugging Face Hub with a one-push token."""
+
+from __future__ import annotations
+
+import html
+import os
+import zipfile
+
+import gradio as gr
+
+from studio.hub import push_package
+from studio.ui.common import Studio, handler
+
+
+def build(studio: Studio) -> None:
+    ws = studio.workspace
+    package = studio.package_picker("Package", None, elem_id="share-package")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Download\nThe whole package: diffusers files (`pipe.load_lora_weights(folder)`), "
+                        "kohya files for ComfyUI, A1111 and Forge, `adapter.json`, the model card and samples.")
+            prepare = gr.Button("Prepare zip", elem_id="share-prepare")
+            download = gr.DownloadButton("Download zip", visible=False, variant="primary",
+                                         elem_id="share-download")
+            contents = gr.Markdown(elem_id="share-contents")
+        with gr.Column():
+            gr.Markdown("### Push to the Hugging Face Hub\nCreates a model repository with the package and its "
+                        "model card; the sample images become the card's widgets.")
+            repo = gr.Textbox(label="Repository", placeholder="your-name/cat-blora", max_length=200)
+            private = gr.Checkbox(value=True, label="Private repository")
+            env_token = bool(os.environ.get("HF_TOKEN"))
+            token = gr.Textbox(
+                label="Write token", type="password", max_length=512,
+                placeholder=("HF_TOKEN is set on this server; leave empty to use it" if env_token
+                             else "hf_… used for this push only, never stored"),
+            )
+            push = gr.Button("Push", variant="primary", elem_id="share-push")
+            pushed = gr.Markdown(elem_id="share-pushed")
+
+    @handler
+    def prepare_zip(workspace_id, name):
+        path = studio.library(workspace_id).export_zip(name)
+        with zipfile.ZipFile(path) as archive:
+            rows = [f"| `{i.filename}` | {i.file_size / 1e6:.2f} MB |" for i in archive.infolist()]
+        table = "| file | size |\n| --- | --- |\n" + "\n".join(rows)
+        return (gr.DownloadButton(value=str(path), label=f"Download {path.name} ({path.stat().st_size / 1e6:.1f} MB)",
+                                  visible=True), table)
+
+    @handler
+    def push_to_hub(workspace_id, name, repo_id, make_private, typed_token):
+        folder = studio.library(workspace_id).path(name)
+        result = push_package(folder, repo_id, token=typed_token or None, private=bool(make_private),
+                              endpoint=studio.hub_endpoint)
+        url = html.escape(result.repo_url)
+        return f"Pushed {result.files} files to <a href='{url}' target='_blank'>{url}</a>."
+
+    cheap = dict(concurrency_limit=None, show_progress="hidden")
+    package.change(lambda: (gr.DownloadButton(visible=False), ""), None, [download, contents],
+                   api_visibility="private", **cheap)
+    prepare.click(prepare_zip, [ws, package], [download, contents], api_name="export", concurrency_limit=2,
+                  concurrency_id="export")
+    # The token box is emptied after every push, successful or not, so it never lingers in the page.
+    push.click(push_to_hub, [ws, package, repo, private, token], [pushed], api_name="push",
+               concurrency_limit=2, concurrency_id="push").then(
+        lambda: "", None, [token], api_visibility="private", **cheap)

@@ -1,0 +1,280 @@
+"""The Train tab: one image in, a training job queued, its progress followed live until the package is ready.
+
+The page keeps no job state of its own: a timer re-reads the job record, so a reload or a server restart
+shows the job where it is (and an interrupted one offers to resume).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from pipelines.images import center_crop_square, load_image
+from pipelines.models import REGISTRY
+from studio.jobs import JobRecord
+from studio.methods import METHODS, models_for, training_defaults
+from studio.ui.common import Studio, format_seconds, handler, upload_path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "assets" / "examples"
+STATUS_LABELS = {
+    "queued": "Queued", "running": "Training", "cancelling": "Stopping", "cancelled": "Cancelled",
+    "failed": "Failed", "done": "Done", "interrupted": "Interrupted", "discarded": "Discarded",
+}
+POLL_SECONDS = 1.0
+
+
+@dataclass
+class TrainTab:
+    job: gr.Dropdown
+    status_outputs: list
+    load_job: Any
+
+
+def model_choices(studio: Studio, arch: str) -> list[tuple[str, str]]:
+    """Registry models of `arch`; without a GPU only the tiny ones (a real model would take hours on a CPU)."""
+    specs = [s for s in models_for(arch) if studio.gpu or s.tiny]
+    return [(f"{s.name} — {s.description}", s.name) for s in specs]
+
+
+def _job_label(record: JobRecord) -> str:
+    when = time.strftime("%b %d %H:%M", time.localtime(record.created))
+    return f"{record.name} · {METHODS[record.method].label} · {record.model} · {when}"
+
+
+def job_choices(studio: Studio, workspace_id: str | None) -> list[tuple[str, str]]:
+    try:
+        return [(_job_label(r), r.id) for r in studio.jobs.jobs(studio.workspace_of(workspace_id).id)]
+    except Exception:
+        return []
+
+
+def render_status(record: JobRecord | None, ahead: int | None) -> str:
+    if record is None:
+        return ("<div class='bs-job bs-empty'>No training yet. Upload an image, check the crop, and press "
+                "<b>Start training</b>. You can leave or reload the page: the job keeps going and shows up "
+                "here again.</div>")
+    total = max(record.total, 1)
+    percent = min(100.0, 100.0 * record.step / total)
+    loss = f"{record.losses[-1]:.4f}" if record.losses else "–"
+    speed = f"{record.it_s:.2f} it/s" if record.it_s else "– it/s"
+    lines = [
+        f"<div class='bs-job bs-{record.status}'>",
+        f"<div class='bs-job-head'><span class='bs-badge'>{STATUS_LABELS.get(record.status, record.status)}</span>"
+        f"<b>{html.escape(record.name)}</b><span class='bs-dim'>{html.escape(METHODS[record.method].label)} · "
+        f"{html.escape(record.model)}</span></div>",
+        f"<div class='bs-bar' role='progressbar' aria-valuenow='{percent:.0f}' aria-valuemin='0' "
+        f"aria-valuemax='100'><div style='width:{percent:.1f}%'></div></div>",
+        f"<div class='bs-stats'><span>Step <b>{record.step}</b> / {record.total}</span><span>{speed}</span>"
+        f"<span>ETA {format_seconds(record.eta_s) if record.status == 'running' else '–'}</span>"
+        f"<span>loss {loss}</span></div>",
+    ]
+    note = None
+    if record.status == "queued":
+        note = "Next in line." if not ahead else f"Waiting: {ahead} job{'s' if ahead > 1 else ''} ahead of yours."
+    elif record.status == "cancelling":
+        note = "Stopping after the current step and saving a checkpoint…"
+    elif record.status == "done":
+        note = (f"Package <b>{html.escape(record.name)}</b> is in your Library. Mix it, re-embed it, or share "
+                "it from the other tabs.")
+    elif record.resumable:
+        where = (f"from its checkpoint at step {record.checkpoint_step}" if record.checkpoint_step
+                 else "from the start (no checkpoint was saved yet)")
+        reason = f"{html.escape(record.error)}. " if record.error else ""
+        note = f"{reason}Resume continues {where}."
+    if record.resumed_from:
+        note = (note + " " if note else "") + f"(Resumed from step {record.resumed_from}.)"
+    if note:
+        lines.append(f"<div class='bs-note'>{note}</div>")
+    lines.append("</div>")
+    return "".join(lines)
+
+
+def _loss_frame(record: JobRecord | None) -> pd.DataFrame:
+    losses = record.losses if record else []
+    return pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses})
+
+
+def _samples(studio: Studio, record: JobRecord | None) -> list[tuple[str, str]]:
+    if record is None:
+        return []
+    items = []
+    if record.status == "done":
+        folder = studio.workspace_of(record.owner).packages / record.name / "samples"
+        for stem, caption in (("full", "content + style"), ("content", "content"), ("style", "style"),
+                              ("input", "trained crop")):
+            if (folder / f"{stem}.png").is_file():
+                items.append((str(folder / f"{stem}.png"), caption))
+    for name in reversed(record.samples):
+        path = studio.jobs.job_file(record, f"samples/{name}")
+        if path.is_file():
+            items.append((str(path), f"preview at step {int(name[5:11])}"))
+    return items
+
+
+def status_values(studio: Studio, record: JobRecord | None) -> tuple:
+    """Everything the progress area shows, in the order of `TrainTab.status_outputs`."""
+    ahead = studio.jobs.position(record.id) if record else None
+    active = bool(record and record.active)
+    resumable = bool(record and record.resumable)
+    resume_label = (f"Resume from step {record.checkpoint_step}" if resumable and record.checkpoint_step
+                    else "Start again")
+    return (
+        render_status(record, ahead),
+        _loss_frame(record),
+        _samples(studio, record),
+        gr.Button(visible=active, interactive=bool(record and record.status in ("queued", "running"))),
+        gr.Button(visible=resumable, value=resume_label),
+        gr.Button(visible=resumable),
+        record.to_dict() if record else {},
+        gr.Timer(active=active),
+    )
+
+
+def build(studio: Studio) -> TrainTab:
+    ws = studio.workspace
+    methods = [(m.label, m.key) for m in METHODS.values() if m.available]
+    first = METHODS[methods[0][1]]
+    first_model = REGISTRY[studio.default_models[first.arch]]
+    defaults = training_defaults(first, first_model)
+    missing = [m.label for m in METHODS.values() if not m.available]
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            image = gr.Image(label="Your image", type="filepath", sources=["upload", "clipboard"], height=340,
+                             elem_id="train-image", buttons=["fullscreen"],
+                             placeholder="Drop an image here, paste one, or pick an example below")
+            gr.Examples(examples=[[str(p)] for p in sorted(EXAMPLES.glob("*.jpg"))], inputs=[image],
+                        label="Examples")
+        with gr.Column(scale=4):
+            method = gr.Radio(methods, value=first.key, label="Method", info=first.blurb + (
+                f" {', '.join(missing)}: not installed in this build." if missing else ""))
+            model = gr.Dropdown(model_choices(studio, first.arch), value=first_model.name, label="Base model")
+            crop = gr.Image(label="What will be trained (centre crop)", interactive=False, height=200,
+                            elem_id="train-crop", buttons=[])
+            name = gr.Textbox(label="Package name", placeholder="from the image's file name",
+                              max_length=64)
+            with gr.Accordion("Training settings", open=False):
+                with gr.Row():
+                    steps = gr.Number(value=defaults["steps"], label="Steps", precision=0, minimum=1)
+                    rank = gr.Dropdown([4, 8, 16, 32, 64, 128], value=defaults["rank"], label="LoRA rank")
+                with gr.Row():
+                    learning_rate = gr.Number(value=defaults["learning_rate"], label="Learning rate")
+                    seed = gr.Number(value=defaults["seed"], label="Seed", precision=0, minimum=0)
+                with gr.Row():
+                    sample_every = gr.Number(value=defaults["sample_every"], label="Preview every N steps",
+                                             info="0 = no previews while training", precision=0, minimum=0)
+                    token = gr.Textbox(label="Trigger token", placeholder="automatic, e.g. [v42]", max_length=32)
+            start = gr.Button("Start training", variant="primary", size="lg", elem_id="train-start")
+
+    gr.Markdown("### Progress")
+    with gr.Row():
+        job = gr.Dropdown(label="Job", choices=[], value=None, allow_custom_value=True, scale=4,
+                          elem_id="train-job")
+        cancel = gr.Button("Cancel", variant="stop", visible=False, scale=1, elem_id="train-cancel")
+        resume = gr.Button("Resume", variant="primary", visible=False, scale=1, elem_id="train-resume")
+        discard = gr.Button("Discard", visible=False, scale=1)
+    status = gr.HTML(render_status(None, None), elem_id="train-status")
+    with gr.Row():
+        loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Training loss", height=260,
+                                scale=3, buttons=["fullscreen", "export"])
+        samples = gr.Gallery(label="Previews", columns=3, height=260, scale=2, object_fit="contain",
+                             buttons=["download", "fullscreen"], elem_id="train-samples")
+    with gr.Accordion("Job record", open=False):
+        details = gr.JSON(label="job.json")
+    timer = gr.Timer(POLL_SECONDS, active=False)
+    outputs = [status, loss_plot, samples, cancel, resume, discard, details, timer]
+
+    @handler
+    def change_method(key: str):
+        chosen = METHODS[key]
+        spec = REGISTRY[studio.default_models[chosen.arch]]
+        values = training_defaults(chosen, spec)
+        return (gr.Dropdown(choices=model_choices(studio, chosen.arch), value=spec.name),
+                gr.Radio(info=chosen.blurb), values["steps"], values["rank"], values["learning_rate"],
+                values["sample_every"])
+
+    @handler
+    def crop_preview(upload, model_name: str | None):
+        path = upload_path(upload)
+        if not path or not model_name or model_name not in REGISTRY:
+            return None
+        spec = REGISTRY[model_name]
+        square = center_crop_square(load_image(path), spec.resolution)
+        if square.width < 256:  # tiny models train on 64 px: enlarge so the crop is visible
+            square = square.resize((256, 256), Image.Resampling.NEAREST)
+        return gr.Image(value=square, label=f"What will be trained: centre crop, {spec.resolution}×{spec.resolution} px")
+
+    @handler
+    def start_training(workspace_id, upload, method_key, model_name, package_name, n_steps, lora_rank, lr,
+                       seed_value, preview_every, trigger):
+        path = upload_path(upload)
+        if not path:
+            raise gr.Error("Upload an image first (drag and drop, paste, or pick an example).",
+                           print_exception=False)
+        owner = studio.workspace_of(workspace_id).id
+        record = studio.jobs.submit(
+            owner, image=path, method=method_key, model=model_name, name=package_name or None,
+            steps=n_steps or 0, rank=lora_rank or 0, learning_rate=lr or 0, seed=seed_value or 0,
+            sample_every=preview_every or 0, token=trigger,
+        )
+        ahead = studio.jobs.position(record.id)
+        gr.Info(f"{record.name}: queued" + (f" behind {ahead} job(s)." if ahead else ", starting now."))
+        return (gr.Dropdown(choices=job_choices(studio, owner), value=record.id),) + status_values(studio, record)
+
+    @handler
+    def show_job(workspace_id, job_id):
+        if not job_id:
+            return status_values(studio, None)
+        record = studio.jobs.get(studio.workspace_of(workspace_id).id, job_id)
+        return status_values(studio, record)
+
+    @handler
+    def cancel_job(workspace_id, job_id):
+        record = studio.jobs.cancel(studio.workspace_of(workspace_id).id, job_id or "")
+        return status_values(studio, record)
+
+    @handler
+    def resume_job(workspace_id, job_id):
+        record = studio.jobs.resume(studio.workspace_of(workspace_id).id, job_id or "")
+        return status_values(studio, record)
+
+    @handler
+    def discard_job(workspace_id, job_id):
+        owner = studio.workspace_of(workspace_id).id
+        studio.jobs.discard(owner, job_id or "")
+        gr.Info("Discarded the job and its checkpoints.")
+        return (gr.Dropdown(choices=job_choices(studio, owner), value=None),) + status_values(studio, None)
+
+    @handler
+    def load_job(workspace_id):
+        """On page load: the job this workspace most wants to see (the running one, else the newest)."""
+        try:
+            owner = studio.workspace_of(workspace_id).id
+        except Exception:
+            return (gr.Dropdown(choices=[], value=None),) + status_values(studio, None)
+        record = studio.jobs.latest(owner)
+        return (gr.Dropdown(choices=job_choices(studio, owner), value=record.id if record else None),
+                ) + status_values(studio, record)
+
+    cheap = dict(concurrency_limit=None, show_progress="hidden")
+    method.change(change_method, [method], [model, method, steps, rank, learning_rate, sample_every],
+                  api_visibility="private", **cheap)
+    # preprocess=False: the handlers check uploads themselves (see upload_path).
+    gr.on([image.change, model.change], crop_preview, [image, model], [crop], api_name="crop_preview",
+          preprocess=False, **cheap)
+    start.click(start_training, [ws, image, method, model, name, steps, rank, learning_rate, seed, sample_every,
+                                 token], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False)
+    job.input(show_job, [ws, job], outputs, api_visibility="private", **cheap)
+    timer.tick(show_job, [ws, job], outputs, api_name="job_status", **cheap)
+    cancel.click(cancel_job, [ws, job], outputs, api_name="cancel", **cheap)
+    resume.click(resume_job, [ws, job], outputs, api_name="resume", **cheap)
+    discard.click(discard_job, [ws, job], [job] + outputs, api_name="discard", **cheap)
+    return TrainTab(job=job, status_outputs=outputs, load_job=load_job)
