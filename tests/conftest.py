@@ -13,7 +13,6 @@ os.environ["BLOCKSTUDIO_HOME"] = tempfile.mkdtemp(prefix="blockstudio-tests-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +125,12 @@ def trained(studio_server):
         record = train_through_app(client, workspace, EXAMPLES / f"{name}.jpg", name=name, sample_every=0)
         assert record["status"] == "done", record
     return client, workspace
+
+
+def path_of(output) -> str:
+    """A file output as gradio_client returns it: a path, a FileData dict, or a component update."""
+    if isinstance(output, dict):
+        output = output.get("value", output)
+        if isinstance(output, dict):
+            output = output["path"]
+    return output

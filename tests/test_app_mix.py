@@ -1,0 +1,74 @@
+"""Mix and Re-embed through the API: before/after, swapping packages on a warm base, grids, new prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import path_of
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+SETTINGS = [0, 2, None, None, None, ""]  # seed, steps, guidance, width, height, negative prompt
+
+
+def _pixels(item) -> np.ndarray:
+    return np.asarray(Image.open(path_of(item)).convert("RGB"), dtype=np.int16)
+
+
+def test_before_after_uses_the_base_model_and_swaps_keep_it_loaded(trained, studio_server):
+    client, workspace = trained
+    slider, used, results, _ = client.predict(workspace, "cat", 1.0, "coffee", 1.0, "A [c] in [s] style", True,
+                                              *SETTINGS, api_name="/mix")
+    before, after = (_pixels(p) for p in slider)
+    assert np.abs(before - after).max() > 0
+    assert "[c]" not in used and "[v" in used
+    generation = studio_server.studio.generation
+    (studio,) = generation.loaded().values()
+    # "before" is the base model: the same pipeline with the adapters switched off gives the same pixels.
+    base = studio.generate(used.split("`")[1], seed=0, steps=2)[0]
+    assert np.array_equal(before, np.asarray(base, dtype=np.int16))
+
+    client.predict(workspace, "coffee", 0.8, "cat", 1.2, "A [c] in [s] style", False, *SETTINGS, api_name="/mix")
+    again = client.predict(workspace, "cat", 1.0, "coffee", 1.0, "A [c] in [s] style", False, *SETTINGS,
+                           api_name="/mix")
+    assert studio.base_loads == 1 and studio.adapter_loads >= 4
+    # Back to the first pair: the same image, up to float rounding (hotswap pads ranks, which reorders sums).
+    assert np.abs(_pixels(again[0][1]) - after).max() <= 1
+    assert len(again[2]) >= 3  # every result is kept in the workspace's gallery
+
+
+def test_grid_sweeps_content_and_style_scales(trained):
+    client, workspace = trained
+    grid, results = client.predict(workspace, "cat", "coffee", "A [c] in [s] style", "0.5, 1.5", "0, 1, 2",
+                                   *SETTINGS, api_name="/grid")
+    image = Image.open(path_of(grid))
+    assert image.width > image.height  # 3 style columns, 2 content rows
+    with pytest.raises(AppError, match="scales must be numbers"):
+        client.predict(workspace, "cat", "coffee", "A [c]", "half", "1", *SETTINGS, api_name="/grid")
+
+
+def test_reembed_puts_the_subject_in_templates_and_free_prompts(trained):
+    client, workspace = trained
+    gallery = client.predict(workspace, "cat", 1.0, ["A [c] on the beach", "A [c] made of gold"],
+                             "A [c] riding a bicycle\n\n", *SETTINGS, api_name="/reembed")
+    assert [item["caption"] for item in gallery] == ["A [c] on the beach", "A [c] made of gold",
+                                                     "A [c] riding a bicycle"]
+    styled = client.predict(workspace, "coffee", 1.0, [], "A lighthouse in [s] style", *SETTINGS,
+                            api_name="/restyle")
+    assert len(styled) == 1
+
+
+def test_mixing_adapters_of_different_base_models_is_refused(trained, studio_server):
+    client, workspace = trained
+    package = studio_server.studio.library(workspace).open("coffee")
+    original = dict(package.info)
+    info_path = package.path / "adapter.json"
+    import json
+
+    info_path.write_text(json.dumps({**original, "base_model": "sdxl"}))
+    try:
+        with pytest.raises(AppError, match="different base models"):
+            client.predict(workspace, "cat", 1.0, "coffee", 1.0, "A [c] in [s] style", False, *SETTINGS,
+                           api_name="/mix")
+    finally:
+        info_path.write_text(json.dumps(original))
