@@ -30,8 +30,11 @@ from studio.workspace import is_workspace_id, new_workspace_id, workspaces_root
 MAX_UPLOAD = os.environ.get("BLOCKSTUDIO_MAX_UPLOAD", "1gb")  # a rank-64 SDXL package zip is about 500 MB
 
 CSS = """
-.bs-header h1 { margin-bottom: 0; }
-.bs-header p { margin-top: 4px; opacity: .8; }
+.bs-header h1 { margin: 0; font-size: 28px; display: flex; align-items: center; gap: 10px; }
+.bs-header p { margin: 4px 0 0; opacity: .8; }
+.bs-logo { display: inline-flex; gap: 3px; }
+.bs-logo i { display: block; width: 14px; height: 22px; border-radius: 3px; background: #6366f1; }
+.bs-logo i + i { background: #ec4899; margin-top: 6px; height: 16px; }
 .bs-banner { border-radius: 10px; padding: 10px 14px !important; margin-bottom: 6px; }
 .bs-banner.cpu { background: #fff7e6; border: 1px solid #f5c26b; color: #5c3b00; }
 .bs-banner.zero { background: #eef4ff; border: 1px solid #9db8f2; color: #1d3571; }
@@ -111,9 +114,9 @@ def build_app(home: Path | None = None, *, jobs: JobManager | None = None,
     notice = banner(gpu)
     with gr.Blocks(title="Block Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         studio.workspace = gr.BrowserState(None, storage_key="blockstudio-workspace", secret=browser_secret(home))
-        gr.Markdown("# 🧱 Block Studio\nOne image in, a **content** adapter and a **style** adapter out. "
-                    "Then mix them: the subject of one picture in the style of another.",
-                    elem_classes=["bs-header"])
+        gr.HTML("<div class='bs-header'><h1><span class='bs-logo' aria-hidden='true'><i></i><i></i></span>"
+                "Block Studio</h1><p>One image in, a <b>content</b> adapter and a <b>style</b> adapter out. Then "
+                "mix them: the subject of one picture in the style of another.</p></div>")
         if notice:
             gr.Markdown(notice[1], elem_classes=["bs-banner", notice[0]], elem_id="bs-banner")
         with gr.Tabs():

@@ -107,7 +107,8 @@ class Library:
             except BlockStudioError:
                 continue
             info = package.info
-            thumbnail = next((p for p in (package.sample("full"), package.sample("input")) if p), None)
+            # The trained crop is the picture a user recognises; the tiny models' samples are only noise.
+            thumbnail = next((p for p in (package.sample("input"), package.sample("full")) if p), None)
             out.append(PackageSummary(
                 name=(SHARED_PREFIX if shared else "") + folder.name,
                 title=folder.name + (" (shared)" if shared else ""),

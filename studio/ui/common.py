@@ -97,7 +97,7 @@ def package_choices(studio: Studio, workspace_id: str | None, part: str | None =
     for s in summaries:
         if part is not None and not _has_part(s, part):
             continue
-        out.append((f"{s.title} — {s.method}, {s.base_model}, {s.token}", s.name))
+        out.append((f"{s.title} · {s.token} · {s.base_model}", s.name))
     return out
 
 

@@ -24,7 +24,7 @@ def build(studio: Studio) -> LibraryTab:
     ws = studio.workspace
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Packages", columns=4, height=420, allow_preview=False,
+            gallery = gr.Gallery(label="Packages", columns=4, height=420, allow_preview=False, fit_columns=False,
                                  object_fit="cover", elem_id="library-gallery", buttons=[])
             empty = gr.Markdown(EMPTY, visible=True)
             refresh = gr.Button("Refresh", size="sm")
@@ -123,7 +123,7 @@ def build(studio: Studio) -> LibraryTab:
     keep.click(lambda: gr.Group(visible=False), None, [confirm_box], api_visibility="private", **cheap)
     confirm.click(delete_package, [ws, package], listed + [confirm_box], api_name="delete", **cheap)
     do_import.click(import_package, [ws, upload, import_name, import_model, import_token], listed + [upload],
-                    api_name="import", concurrency_limit=2)
+                    api_name="import", concurrency_limit=2, show_progress_on=[upload])
     return LibraryTab(outputs=listed, refresh=lambda workspace_id: show_library(workspace_id, None))
 
 

@@ -52,11 +52,11 @@ def build(studio: Studio) -> MixTab:
     ws = studio.workspace
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            with gr.Group():
-                with gr.Row():
+            with gr.Row():
+                with gr.Column(min_width=220):
                     content = studio.package_picker("Content from", "content", elem_id="mix-content")
                     content_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Content scale")
-                with gr.Row():
+                with gr.Column(min_width=220):
                     style = studio.package_picker("Style from", "style", elem_id="mix-style")
                     style_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Style scale")
             prompt = gr.Textbox(value="A [c] in [s] style", label="Prompt", max_length=300, elem_id="mix-prompt",
@@ -81,6 +81,7 @@ def build(studio: Studio) -> MixTab:
             grid_image = gr.Image(label="Scale grid", type="pil", format="png", visible=False, interactive=False,
                                   buttons=["download", "fullscreen"], elem_id="mix-grid-image")
     results = gr.Gallery(label="Your results (newest first)", columns=6, height=260, object_fit="contain",
+                         fit_columns=False,
                          buttons=["download", "fullscreen"], elem_id="mix-results")
 
     @handler
@@ -131,7 +132,7 @@ def build(studio: Studio) -> MixTab:
         return recent_outputs(studio.workspace_of(workspace_id))
 
     generate.click(mix, [ws, content, content_scale, style, style_scale, prompt, compare] + settings,
-                   [compared, used, results, grid_image], api_name="mix", **GENERATE)
+                   [compared, used, results, grid_image], api_name="mix", show_progress_on=[compared], **GENERATE)
     grid.click(scale_grid, [ws, content, style, prompt, content_scales_box, style_scales_box] + settings,
-               [grid_image, results], api_name="grid", **GENERATE)
+               [grid_image, results], api_name="grid", show_progress_on=[compared], **GENERATE)
     return MixTab(outputs=[results], refresh=show_results)

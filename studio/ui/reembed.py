@@ -28,7 +28,7 @@ def build(studio: Studio) -> None:
             content_free = gr.Textbox(label="Your prompts (one per line)", lines=2,
                                       placeholder="A [c] riding a bicycle")
             reembed = gr.Button("Generate", variant="primary", elem_id="reembed-go")
-            content_gallery = gr.Gallery(label="Subject in new prompts", columns=4, height=300,
+            content_gallery = gr.Gallery(label="Subject in new prompts", columns=4, height=300, fit_columns=False,
                                          object_fit="contain", buttons=["download", "fullscreen"], format="png")
         with gr.Column():
             gr.Markdown("### A style on any prompt\nThe style adapter alone: `[s]` is the style.")
@@ -39,7 +39,7 @@ def build(studio: Studio) -> None:
             style_free = gr.Textbox(label="Your prompts (one per line)", lines=2,
                                     placeholder="A red bicycle in [s] style")
             restyle = gr.Button("Generate", variant="primary", elem_id="restyle-go")
-            style_gallery = gr.Gallery(label="Style on new prompts", columns=4, height=300, object_fit="contain",
+            style_gallery = gr.Gallery(label="Style on new prompts", columns=4, height=300, object_fit="contain", fit_columns=False,
                                        buttons=["download", "fullscreen"], format="png")
     with gr.Accordion("Generation settings", open=False):
         settings = settings_controls()

@@ -58,7 +58,7 @@ def build(studio: Studio) -> None:
     package.change(lambda: (gr.DownloadButton(visible=False), ""), None, [download, contents],
                    api_visibility="private", **cheap)
     prepare.click(prepare_zip, [ws, package], [download, contents], api_name="export", concurrency_limit=2,
-                  concurrency_id="export")
+                  concurrency_id="export", show_progress_on=[contents])
     # The token box is emptied after every push, successful or not, so it never lingers in the page.
     push.click(push_to_hub, [ws, package, repo, private, token], [pushed], api_name="push",
                concurrency_limit=2, concurrency_id="push").then(

@@ -185,7 +185,7 @@ def build(studio: Studio) -> TrainTab:
     with gr.Row():
         loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Training loss", height=260,
                                 scale=3, buttons=["fullscreen", "export"])
-        samples = gr.Gallery(label="Previews", columns=3, height=260, scale=2, object_fit="contain",
+        samples = gr.Gallery(label="Previews", columns=3, height=260, scale=2, object_fit="contain", fit_columns=False,
                              buttons=["download", "fullscreen"], elem_id="train-samples")
     with gr.Accordion("Job record", open=False):
         details = gr.JSON(label="job.json")
@@ -271,7 +271,8 @@ def build(studio: Studio) -> TrainTab:
     gr.on([image.change, model.change], crop_preview, [image, model], [crop], api_name="crop_preview",
           preprocess=False, **cheap)
     start.click(start_training, [ws, image, method, model, name, steps, rank, learning_rate, seed, sample_every,
-                                 token], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False)
+                                 token], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
+                show_progress="hidden")
     job.input(show_job, [ws, job], outputs, api_visibility="private", **cheap)
     timer.tick(show_job, [ws, job], outputs, api_name="job_status", **cheap)
     cancel.click(cancel_job, [ws, job], outputs, api_name="cancel", **cheap)
