@@ -12,7 +12,9 @@ from studio.gpu import gpu
 from studio.mixing import GenerationSettings, parameters, parse_scales, recent_outputs, save_output
 from studio.ui.common import Studio, handler
 
-GENERATE = dict(concurrency_id="generate")
+# Every generating event shares one queue served one request at a time: the warm pipeline's adapter slots
+# are shared state, and Gradio shows each waiting page its place in the line.
+GENERATE = dict(concurrency_id="generate", concurrency_limit=1)
 
 
 @dataclass
