@@ -128,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, negative_prompt=args.negative_prompt, num_images=args.num_images,
     )
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    for image, path in zip(images, paths):
+    for image, path in zip(images, paths, strict=False):
         with atomic_file(path) as tmp:
             image.save(tmp, format=_pil_format(path))
         print(path)
