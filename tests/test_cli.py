@@ -142,3 +142,17 @@ def test_console_script_exit_code_and_models_path(tiny_sdxl_path):
     bad = subprocess.run([sys.executable, "-m", "studio.cli", "models", "path", "no-such-model"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == EXIT_BAD_INPUT and "unknown model" in bad.stderr
+
+
+def test_training_runs_under_accelerate_launch_with_previews(tmp_path):
+    out = tmp_path / "cat"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "-m", "studio.cli",
+         "train", "blora", "--image", str(EXAMPLES / "cat.jpg"), "--out", str(out), "--model", "tiny-sdxl",
+         "--steps", "4", "--rank", "4", "--sample-steps", "2", "--sample-every", "2", "--keep-checkpoints"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    previews = sorted(p.name for p in (tmp_path / "cat.partial" / "samples").iterdir())
+    assert previews == ["step-000002.png", "step-000004.png"]
