@@ -1,41 +1,73 @@
-"""Shared fixtures: a private data folder for the whole session and tiny adapter packages trained once."""
+"""Shared fixtures: an isolated Block Studio home, tiny models built once, trained packages, and the app."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 
-# Set before anything reads it: tiny models, workspaces and jobs all live under this folder.
-os.environ["BLOCKSTUDIO_HOME"] = tempfile.mkdtemp(prefix="blockstudio-tests-")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
 
+# Tests never touch the network or the user's caches.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def blockstudio_home(tmp_path_factory) -> Path:
+    """A fresh BLOCKSTUDIO_HOME per session; tiny models are copied in from a shared build cache."""
+    home = tmp_path_factory.mktemp("home")
+    cache = os.environ.get("BLOCKSTUDIO_TEST_MODEL_CACHE")
+    if cache and Path(cache, "models").is_dir():
+        shutil.copytree(Path(cache, "models"), home / "models")
+    os.environ["BLOCKSTUDIO_HOME"] = str(home)
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    return home
+
 
 @pytest.fixture(scope="session")
-def tiny_packages(tmp_path_factory) -> dict[str, Path]:
-    """Two B-LoRA packages on tiny-sdxl (cat and coffee), trained for two steps with previews."""
-    from pipelines.blora import TrainRequest, train_blora
+def tiny_sdxl_path(blockstudio_home) -> Path:
+    from pipelines.models import model_path
+
+    return model_path("tiny-sdxl")
+
+
+@pytest.fixture()
+def tiny_sdxl_pipe(tiny_sdxl_path):
+    """A freshly loaded tiny SDXL pipeline (function scope: tests add adapters to it)."""
     from pipelines.models import load_pipeline
 
-    folder = tmp_path_factory.mktemp("packages")
-    pipe = load_pipeline("tiny-sdxl")
-    out = {}
-    for name in ("cat", "coffee"):
-        out[name] = train_blora(
-            TrainRequest(image=EXAMPLES / f"{name}.jpg", out=folder / name, model="tiny-sdxl", steps=2, rank=4,
-                         sample_steps=2),
-            pipe=pipe,
-        )
-        pipe.unload_lora_weights()
-    return out
+    return load_pipeline("tiny-sdxl")
+
+
+def train_tiny(out: Path, image: str = "cat.jpg", steps: int = 30, **overrides) -> Path:
+    """Train a small B-LoRA on tiny-sdxl (rank 4, high learning rate, few sample steps)."""
+    from pipelines.blora import TrainRequest, train_blora
+
+    options = dict(model="tiny-sdxl", steps=steps, rank=4, learning_rate=1e-3, checkpoint_every=10,
+                   sample_steps=2)
+    options.update(overrides)
+    return train_blora(TrainRequest(image=EXAMPLES / image, out=out, **options))
+
+
+@pytest.fixture(scope="session")
+def cat_package(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("pkgs") / "cat", "cat.jpg")
+
+
+@pytest.fixture(scope="session")
+def coffee_package(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("pkgs") / "coffee", "coffee.jpg", token="[v7]")
 
 
 # -- the app, served in-process ---------------------------------------------------------------------------
@@ -77,8 +109,9 @@ def stop_studio(server: StudioServer) -> None:
 
 
 @pytest.fixture(scope="session")
-def studio_server():
-    from hub_standin import HUB_TOKEN, HubStandIn
+def studio_server(blockstudio_home):
+    """The studio with its Hub pushes going to a local stand-in; shared by the app tests of a session."""
+    from tests.hub_standin import HUB_TOKEN, HubStandIn
 
     with HubStandIn(HUB_TOKEN) as hub:
         server = launch_studio(hub_endpoint=hub.url, gpu=False)

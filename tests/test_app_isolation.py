@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import EXAMPLES, path_of
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
+
+from tests.conftest import EXAMPLES, path_of
 
 
 def test_a_second_client_sees_none_of_the_first_ones_packages_or_jobs(trained, studio_server):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import zipfile
 
 import pytest
-from conftest import EXAMPLES, path_of, train_through_app
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
+
+from tests.conftest import EXAMPLES, path_of, train_through_app
 
 
 def _names(client, workspace) -> list[str]:

@@ -9,9 +9,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import path_of
 from gradio_client.exceptions import AppError
-from hub_standin import HUB_TOKEN
+
+from tests.conftest import path_of
+from tests.hub_standin import HUB_TOKEN
+
+
+@pytest.fixture(autouse=True)
+def hub_reachable(monkeypatch):
+    """The suite runs with HF_HUB_OFFLINE=1; pushes here only reach the stand-in on 127.0.0.1."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 def test_export_zip_holds_diffusers_and_kohya_files_card_metadata_and_samples(trained):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import EXAMPLES, job_record, start_job, train_through_app
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
+
+from tests.conftest import EXAMPLES, job_record, start_job, train_through_app
 
 
 def test_training_reports_progress_previews_and_lands_in_the_library(studio_server):

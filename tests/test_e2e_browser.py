@@ -12,7 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, ROOT
+
+from tests.conftest import EXAMPLES, ROOT
 
 CHROMIUM = os.environ.get("BLOCKSTUDIO_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

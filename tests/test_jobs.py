@@ -7,11 +7,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES
 
 from pipelines.training import TrainingCancelled
 from studio.jobs import JobError, JobManager
 from studio.workspace import new_workspace_id
+from tests.conftest import EXAMPLES
 
 SETTINGS = dict(method="b-lora", model="tiny-sdxl", steps=4, rank=4, learning_rate=1e-4)
 

@@ -9,9 +9,9 @@ import types
 import gradio as gr
 import pytest
 import yaml
-from conftest import ROOT
 
 from studio.gpu import gpu
+from tests.conftest import ROOT
 
 
 def _front_matter() -> dict:

@@ -40,7 +40,7 @@ def test_messages_lose_the_server_paths(tmp_path):
     assert workspace.scrub(text) == "cat is not a package; see <data>/tiny"
 
 
-def test_package_names_come_from_file_names_and_never_collide(tmp_path, tiny_packages):
+def test_package_names_come_from_file_names_and_never_collide(tmp_path):
     library = Library(Workspace(new_workspace_id(), tmp_path), shared=tmp_path / "none")
     assert slug("My cat (2).JPG") == "My-cat-2-JPG" and slug("...") == "adapter"
     (library.workspace.packages / "cat.partial").mkdir()
@@ -60,11 +60,11 @@ def test_a_zip_with_a_link_is_refused_and_leaves_nothing_behind(tmp_path):
     assert list(library.workspace.packages.iterdir()) == []
 
 
-def test_shared_packages_are_listed_but_read_only(tmp_path, tiny_packages):
+def test_shared_packages_are_listed_but_read_only(tmp_path, cat_package):
     import shutil
 
     shared = tmp_path / "shared"
-    shutil.copytree(tiny_packages["cat"], shared / "cat")
+    shutil.copytree(cat_package, shared / "cat")
     library = Library(Workspace(new_workspace_id(), tmp_path), shared=shared)
     assert [s.name for s in library.list()] == ["shared:cat"]
     assert library.open("shared:cat").token.startswith("[v")
