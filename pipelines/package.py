@@ -88,7 +88,8 @@ class PackageContents:
 
 
 def _file_metadata(info: dict, part: str) -> dict[str, object]:
-    keys = ("method", "base_model", "arch", "token", "prompt", "steps", "seed", "resolution", "blocks", "ranks")
+    keys = ("method", "base_model", "arch", "token", "prompt", "steps", "seed", "resolution", "blocks", "ranks",
+            "style_token", "style_prompt", "rca_alpha", "gate")
     meta = {f"blockstudio.{k}": info[k] for k in keys if k in info}
     meta["blockstudio.part"] = part
     meta["blockstudio.format_version"] = PACKAGE_FORMAT_VERSION
@@ -116,6 +117,13 @@ def _kohya_metadata(info: dict, part: str, state_dict: dict[str, torch.Tensor]) 
     return meta
 
 
+def _kohya_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    # Flux files use sd-scripts' names of the original model, the form ComfyUI, Forge and diffusers all read.
+    if prefix == "transformer":
+        return formats.to_kohya_flux(state)
+    return formats.to_kohya(state, "lora_unet" if prefix == "unet" else f"lora_{prefix}")
+
+
 def write_package(out: str | Path, contents: PackageContents, *, card: str | None = None) -> Path:
     """Write a whole package atomically into `out` and return its path."""
     out = Path(out)
@@ -128,9 +136,7 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
         peft_meta = formats.peft_metadata(contents.full, prefix)
         formats.write_safetensors(staging / FULL_WEIGHTS, formats.to_diffusers(contents.full, prefix),
                                   {**_file_metadata(info, "full"), **peft_meta})
-        kohya_prefix = "lora_unet" if prefix == "unet" else f"lora_{prefix}"
-        formats.write_safetensors(staging / "kohya" / f"{name}.safetensors",
-                                  formats.to_kohya(contents.full, kohya_prefix),
+        formats.write_safetensors(staging / "kohya" / f"{name}.safetensors", _kohya_state(contents.full, prefix),
                                   _kohya_metadata(info, "full", contents.full))
         files["kohya"] = f"kohya/{name}.safetensors"
         for role, state in contents.parts.items():
@@ -139,7 +145,7 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
                                       {**_file_metadata(info, role), **formats.peft_metadata(state, prefix)})
             files[role] = f"{role}.safetensors"
             formats.write_safetensors(staging / "kohya" / f"{name}_{role}.safetensors",
-                                      formats.to_kohya(state, kohya_prefix), _kohya_metadata(info, role, state))
+                                      _kohya_state(state, prefix), _kohya_metadata(info, role, state))
             files[f"kohya_{role}"] = f"kohya/{name}_{role}.safetensors"
         if contents.samples:
             (staging / "samples").mkdir()
@@ -192,6 +198,11 @@ class AdapterPackage:
     @property
     def token(self) -> str:
         return self.info.get("token", "[v]")
+
+    @property
+    def style_token(self) -> str:
+        """The token that stands for this package's style (SplitFlux trains one of its own; B-LoRA shares one)."""
+        return self.info.get("style_token") or self.token
 
     @property
     def method(self) -> str:

@@ -34,10 +34,12 @@ class LoRALinear(AdapterLayer):
         self.config = config = config or LoRAConfig()
         self.rank = config.rank
         self.scale = float(config.scale)
+        # Initialised on the CPU in fp32 (the same factors whatever the device), then moved beside the base.
+        down = torch.empty(config.rank, self.in_features)
+        init_down(down)
         device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, device=device))
+        self.lora_A = nn.Parameter(down.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, device=device))
-        init_down(self.lora_A.data)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)

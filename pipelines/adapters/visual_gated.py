@@ -71,22 +71,29 @@ class VisualGatedLoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: VisualGatedConfig | None = None) -> None:
         super().__init__(base_layer)
         self.config = config = config or VisualGatedConfig()
+        # Initialised on the CPU in fp32 (the same factors whatever the device), then moved beside the base.
         device = base_layer.weight.device
-        self.lora_A_content = nn.Parameter(torch.empty(config.content_rank, self.in_features, device=device))
+        content_down = torch.empty(config.content_rank, self.in_features)
+        residual_down = torch.empty(config.residual_rank, self.in_features)
+        init_down(content_down)
+        init_down(residual_down)
+        self.lora_A_content = nn.Parameter(content_down.to(device))
         self.lora_B_content = nn.Parameter(torch.zeros(self.out_features, config.content_rank, device=device))
-        self.lora_A_residual = nn.Parameter(torch.empty(config.residual_rank, self.in_features, device=device))
+        self.lora_A_residual = nn.Parameter(residual_down.to(device))
         self.lora_B_residual = nn.Parameter(torch.zeros(self.out_features, config.residual_rank, device=device))
-        init_down(self.lora_A_content.data)
-        init_down(self.lora_A_residual.data)
         self.text_len = 0
         self.image_gate: torch.Tensor | None = None
 
     # -- the gate ------------------------------------------------------------------------------------------
 
-    def set_token_layout(self, text_len: int, image_features: torch.Tensor | None = None) -> None:
-        """Say how many leading tokens are text, and (optionally) which features gate the image tokens."""
+    def set_token_layout(self, text_len: int, image_features: torch.Tensor | None = None,
+                         image_gate: torch.Tensor | None = None) -> None:
+        """Say how many leading tokens are text, and what gates the image tokens: features to compute the gate
+        from, a gate computed already (shared by the layers of one block), or neither (the layer's own input)."""
         self.text_len = int(text_len)
-        self.image_gate = None if image_features is None else visual_gate(image_features, self.config.eps)
+        if image_gate is None and image_features is not None:
+            image_gate = visual_gate(image_features, self.config.eps)
+        self.image_gate = image_gate
 
     def clear_token_layout(self) -> None:
         self.text_len = 0
