@@ -350,6 +350,10 @@ class SplitFluxRecipe:
         transformer = self.transformer
         s.validate(len(transformer.single_transformer_blocks))
         if self.layers:
+            # Set up again (a resumed or repeated setup): the base was frozen and cast, the adapters not.
+            for param in self.trainable_parameters():
+                param.data = param.data.float()
+                param.requires_grad_(True)
             return self.layers
         names = s.module_names()
         makers = {
