@@ -539,6 +539,10 @@ def test_exported_loras_reload_in_plain_diffusers_with_their_scale(cat_package, 
         layer = pipe.transformer.get_submodule(module)
         expected = full[f"{module}.lora_B.weight"] @ full[f"{module}.lora_A.weight"]
         torch.testing.assert_close(layer.get_delta_weight("full"), expected)
+    # Without the file's metadata (as previews load parts) the mixed ranks still keep scale 1.
+    pipe.load_lora_weights(formats.to_diffusers(full, "transformer"), adapter_name="bare")
+    boundary = pipe.transformer.get_submodule("single_transformer_blocks.11.attn.to_q")
+    torch.testing.assert_close(boundary.get_delta_weight("bare"), boundary.get_delta_weight("full"))
 
 
 def _run_cli(argv: list[str]) -> int:
@@ -610,6 +614,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, shared_pipe):
     b = load_file(out / "pytorch_lora_weights.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((straight / "loss.json").read_text()) == json.loads((out / "loss.json").read_text())
+
+
+def test_previews_during_training_reach_the_callback(tmp_path, shared_pipe):
+    previews = []
+    train_splitflux(SplitFluxRequest(image=EXAMPLES / "cat.jpg", out=tmp_path / "pkg", model="tiny-flux", steps=2,
+                                     sample_every=1, sample_steps=1, checkpoint_every=0, samples=False),
+                    pipe=shared_pipe, on_sample=lambda step, image: previews.append((step, image.size)))
+    assert previews == [(1, (64, 64)), (2, (64, 64))]
+    assert adapter_layers(shared_pipe.transformer) == {}
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, shared_pipe):
