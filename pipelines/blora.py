@@ -135,14 +135,17 @@ class BLoRARecipe:
         unet = self.unet
         unet.requires_grad_(False)
         unet.to(device, dtype=weight_dtype)
-        self.module_names = target_modules(unet, self.settings.blocks, self.settings.projections)
         if ADAPTER_NAME not in getattr(unet, "peft_config", {}):
+            self.module_names = target_modules(unet, self.settings.blocks, self.settings.projections)
             # Gaussian init and lora_alpha == r: down ~ N(0, 1/r), up = 0, scale 1, as the official code.
-            unet.add_adapter(
-                LoraConfig(r=self.settings.rank, lora_alpha=self.settings.rank, init_lora_weights="gaussian",
-                           target_modules=self.module_names),
-                adapter_name=ADAPTER_NAME,
-            )
+            # The init draws from the seed, so a run is reproducible from its seed alone.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                unet.add_adapter(
+                    LoraConfig(r=self.settings.rank, lora_alpha=self.settings.rank, init_lora_weights="gaussian",
+                               target_modules=self.module_names),
+                    adapter_name=ADAPTER_NAME,
+                )
         unet.set_adapter(ADAPTER_NAME)
         cast_training_params(unet, torch.float32)
         gradient_checkpointing = config.gradient_checkpointing
@@ -201,6 +204,8 @@ class BLoRARecipe:
         """Take the training adapter out of the UNet, leaving the base model as it was loaded."""
         self.unet.disable_gradient_checkpointing()
         self.unet.delete_adapters(ADAPTER_NAME)
+        if not getattr(self.unet, "peft_config", None):
+            self.unet.unload_lora()  # also drop PEFT's empty wrappers
 
 
 def _to_pixels(image: Image.Image) -> torch.Tensor:

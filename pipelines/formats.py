@@ -6,10 +6,11 @@ Inside Block Studio an adapter is a PEFT state dict without a component prefix
 
 - diffusers format: `unet.<module>.lora.down.weight` / `.lora.up.weight` (what diffusers' training scripts
   write and `pipe.load_lora_weights` reads), with `lora_adapter_metadata` for PEFT's config;
-- kohya format: `lora_unet_<sgm_module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, with SDXL's
-  original (SGM) block names such as `output_blocks_0_1`, the form A1111, Forge and ComfyUI all read. For Flux,
-  sd-scripts' names of the original (BFL) model: `lora_unet_single_blocks_N_linear1` holds to_q, to_k, to_v and
-  proj_mlp fused, written losslessly with a block-diagonal `lora_up` (see `to_kohya_flux`).
+- kohya format: `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, the form A1111,
+  Forge and ComfyUI read (block names in diffusers form; SGM names such as `output_blocks_0_1` are read on
+  import). For Flux, sd-scripts' names of the original (BFL) model:
+  `lora_unet_single_blocks_N_linear1` holds to_q, to_k, to_v and proj_mlp fused, written losslessly with a
+  block-diagonal `lora_up` (see `to_kohya_flux`).
 
 Only safetensors are read: pickled checkpoints are refused before they are opened.
 """
@@ -123,10 +124,16 @@ def to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str = "unet") -
 
 
 def to_kohya(state_dict: Mapping[str, torch.Tensor], prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
-    """Canonical -> kohya keys with SGM block names and `.alpha` equal to the rank (scale 1)."""
+    """Canonical -> kohya keys (`lora_unet_up_blocks_0_attentions_0_..`) with `.alpha` equal to the rank.
+
+    Block names stay in diffusers form, as diffusers' own `convert_state_dict_to_kohya` writes them: A1111,
+    Forge and ComfyUI map these names, and diffusers reads them back exactly. SGM names
+    (`output_blocks_0_1`) are accepted on import, but diffusers' converter cannot place a LoRA that covers
+    only two blocks under SGM names, so they are not written.
+    """
     out = {}
     for module, (a, b) in lora_modules(state_dict).items():
-        name = prefix + "_" + _rename_block(module, _DIFFUSERS_TO_SGM).replace(".", "_")
+        name = prefix + "_" + module.replace(".", "_")
         out[f"{name}.lora_down.weight"] = a.contiguous()
         out[f"{name}.lora_up.weight"] = b.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(a.shape[0]))
@@ -364,9 +371,21 @@ def normalize_lora(
     return _fold_alpha(modules, alphas)
 
 
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """{name: Linear} of a model, seeing through PEFT wrappers of adapters already loaded."""
+    out = {}
+    for name, module in model.named_modules():
+        if ".base_layer" in name or ".lora_" in name:
+            continue
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, torch.nn.Linear):
+            out[name] = base
+    return out
+
+
 def validate_against(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, int]:
     """Check every module exists as a Linear layer of `model` with matching shapes; return {module: rank}."""
-    linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear = linear_layers(model)
     ranks = {}
     for module, (a, b) in lora_modules(state_dict).items():
         layer = linear.get(module)

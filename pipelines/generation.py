@@ -93,7 +93,7 @@ class StudioPipeline:
             )
         tensors, _ = formats.read_safetensors(choice.file)
         if self._module_names is None:
-            self._module_names = [n for n, m in self.denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
+            self._module_names = list(formats.linear_layers(self.denoiser))
         canonical = formats.normalize_lora(tensors, self._module_names, component=self._component())
         formats.validate_against(canonical, self.denoiser)
 

@@ -59,7 +59,7 @@ def import_lora(file: str | Path, out: str | Path, *, model: str = "sdxl", token
     file = Path(file)
     tensors, metadata = formats.read_safetensors(file)
     unet = pipe.unet if pipe is not None else unet_skeleton(model)
-    module_names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    module_names = list(formats.linear_layers(unet))
     canonical = formats.normalize_lora(tensors, module_names, component="unet")
     ranks = formats.validate_against(canonical, unet)
     outside = sorted(m for m in ranks if not any(m.startswith(b + ".") for b in BLOCKS.values()))

@@ -82,7 +82,8 @@ def cmd_train_blora(args: argparse.Namespace) -> int:
     request = TrainRequest(
         image=args.image, out=args.out, model=args.model, steps=args.steps, rank=args.rank,
         learning_rate=args.lr, resolution=args.resolution, token=args.token, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, samples=not args.no_samples, sample_steps=args.sample_steps,
+        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, samples=not args.no_samples,
+        sample_steps=args.sample_steps,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         use_8bit_adam=args.use_8bit_adam, resume=args.resume, restart=args.restart,
         keep_checkpoints=args.keep_checkpoints,
@@ -103,7 +104,8 @@ def cmd_train_splitflux(args: argparse.Namespace) -> int:
         gate_source=args.gate_source, style_text=args.style_text, export_gate=args.export_gate,
         guidance=args.training_guidance, max_sequence_length=args.max_sequence_length,
         timestep_sampling=args.timestep_sampling, quantize_base=args.quantize_base,
-        checkpoint_every=args.checkpoint_every, samples=not args.no_samples, sample_steps=args.sample_steps,
+        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
+        samples=not args.no_samples, sample_steps=args.sample_steps,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         use_8bit_adam=args.use_8bit_adam, resume=args.resume, restart=args.restart,
         keep_checkpoints=args.keep_checkpoints,
@@ -112,13 +114,27 @@ def cmd_train_splitflux(args: argparse.Namespace) -> int:
     return _run_training(lambda **kw: train_splitflux(request, **kw), args.out)
 
 
+def _save_preview(out: str):
+    """Write training previews to OUT.partial/samples/step-NNNNNN.png as they arrive."""
+    from pipelines.storage import atomic_file
+    from pipelines.training import work_dir_for
+
+    folder = work_dir_for(out) / "samples"
+
+    def save(step: int, image) -> None:
+        with atomic_file(folder / f"step-{step:06d}.png") as tmp:
+            image.save(tmp, format="PNG")
+
+    return save
+
+
 def _run_training(run, out: str) -> int:
     from pipelines.training import CancelToken, TrainingCancelled, work_dir_for
 
     cancel = CancelToken()
     started = time.perf_counter()
     try:
-        path = run(on_progress=ProgressPrinter(), cancel=cancel)
+        path = run(on_progress=ProgressPrinter(), on_sample=_save_preview(out), cancel=cancel)
     except KeyboardInterrupt:
         print(f"\ncancelled; checkpoints are in {work_dir_for(out)} (use --resume to continue)", file=sys.stderr)
         return EXIT_CANCELLED
@@ -149,7 +165,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, negative_prompt=args.negative_prompt, num_images=args.num_images,
     )
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    for image, path in zip(images, paths, strict=True):
+
+
+    for image, path in zip(images, paths, strict=False):
         with atomic_file(path) as tmp:
             image.save(tmp, format=_pil_format(path))
         print(path)
@@ -220,6 +238,8 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
     p.add_argument("--restart", action="store_true", help="discard an unfinished run in OUT.partial")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--sample-every", type=int, default=0,
+                   help="write a preview to OUT.partial/samples every N steps (0: none)")
     p.add_argument("--no-samples", action="store_true", help="skip the preview images")
     p.add_argument("--sample-steps", type=int, default=None)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)

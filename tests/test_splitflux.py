@@ -27,6 +27,16 @@ from tests.conftest import EXAMPLES
 TEXT_LEN = 16  # T5 tokens in recipe-level tests (packages use tiny-flux's default of 32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """tiny-flux is too narrow to gain from threads, and OpenMP threads of processes sharing a small CPU
+    slow each other down by an order of magnitude."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def flux_path(blockstudio_home) -> Path:
     from pipelines.models import model_path
@@ -92,13 +102,13 @@ def train_tiny_flux(out: Path, image: str = "cat.jpg", pipe=None, **overrides) -
 
 
 @pytest.fixture(scope="session")
-def cat_package(tmp_path_factory, shared_pipe) -> Path:
+def cat_flux_package(tmp_path_factory, shared_pipe) -> Path:
     return train_tiny_flux(tmp_path_factory.mktemp("flux") / "cat", "cat.jpg", pipe=shared_pipe, samples=True,
                            token="[c5]", style_token="[s5]")
 
 
 @pytest.fixture(scope="session")
-def coffee_package(tmp_path_factory, shared_pipe) -> Path:
+def coffee_flux_package(tmp_path_factory, shared_pipe) -> Path:
     return train_tiny_flux(tmp_path_factory.mktemp("flux") / "coffee", "coffee.jpg", pipe=shared_pipe)
 
 
@@ -461,15 +471,15 @@ def test_nf4_without_bitsandbytes_or_cuda_fails_in_one_line(tmp_path):
 # -- the package ----------------------------------------------------------------------------------------
 
 
-def test_package_holds_every_part_and_describes_itself(cat_package):
-    names = {p.relative_to(cat_package).as_posix() for p in cat_package.rglob("*") if p.is_file()}
+def test_package_holds_every_part_and_describes_itself(cat_flux_package):
+    names = {p.relative_to(cat_flux_package).as_posix() for p in cat_flux_package.rglob("*") if p.is_file()}
     for required in ("pytorch_lora_weights.safetensors", "content.safetensors", "content_reembed.safetensors",
                      "style.safetensors", "kohya/cat.safetensors", "kohya/cat_content.safetensors",
                      "kohya/cat_content_reembed.safetensors", "kohya/cat_style.safetensors", "adapter.json",
                      "README.md", "loss.json", "samples/input.png", "samples/full.png", "samples/content.png",
                      "samples/content_reembed.png", "samples/style.png"):
         assert required in names, required
-    info = json.loads((cat_package / "adapter.json").read_text())
+    info = json.loads((cat_flux_package / "adapter.json").read_text())
     assert info["method"] == "splitflux" and info["arch"] == "flux" and info["base_model"] == "tiny-flux"
     assert info["token"] == "[c5]" and info["style_token"] == "[s5]"
     assert info["content_prompt"] == "A [c5] object" and info["style_prompt"] == "A [s5] style"
@@ -479,29 +489,29 @@ def test_package_holds_every_part_and_describes_itself(cat_package):
     assert info["ranks"]["content_reembed"] == 48 and info["ranks"]["boundary"] == 32
     assert info["rca"] == {"alpha": 2, "rank": 32, "alpha_baked_into_lora_B": True}
     assert info["gate"]["text_tokens"] == 1.0 and info["steps"] == 12
-    assert not cat_package.with_name("cat.partial").exists()
-    assert Image.open(cat_package / "samples/input.png").size == (64, 64)
-    card = (cat_package / "README.md").read_text()
+    assert not cat_flux_package.with_name("cat.partial").exists()
+    assert Image.open(cat_flux_package / "samples/input.png").size == (64, 64)
+    card = (cat_flux_package / "README.md").read_text()
     assert "content_reembed.safetensors" in card and "FluxPipeline" in card
 
 
-def test_package_files_have_the_right_blocks_and_ranks(cat_package):
-    full = canonical(cat_package / "pytorch_lora_weights.safetensors")
+def test_package_files_have_the_right_blocks_and_ranks(cat_flux_package):
+    full = canonical(cat_flux_package / "pytorch_lora_weights.safetensors")
     assert block_ranks(full) == {**{i: {64} for i in range(10)}, 10: {32}, 11: {32},
                                  **{i: {64} for i in range(12, 38)}}
-    assert set(block_ranks(canonical(cat_package / "content.safetensors"))) == set(range(12))
-    assert block_ranks(canonical(cat_package / "content_reembed.safetensors"))[0] == {48}
-    assert set(block_ranks(canonical(cat_package / "style.safetensors"))) == set(range(12, 38))
-    _, metadata = formats.read_safetensors(cat_package / "style.safetensors")
+    assert set(block_ranks(canonical(cat_flux_package / "content.safetensors"))) == set(range(12))
+    assert block_ranks(canonical(cat_flux_package / "content_reembed.safetensors"))[0] == {48}
+    assert set(block_ranks(canonical(cat_flux_package / "style.safetensors"))) == set(range(12, 38))
+    _, metadata = formats.read_safetensors(cat_flux_package / "style.safetensors")
     assert metadata["blockstudio.style_token"] == "[s5]" and metadata["blockstudio.method"] == "splitflux"
 
 
-def test_kohya_files_use_sd_scripts_flux_names_and_round_trip(cat_package):
-    kohya = load_file(cat_package / "kohya" / "cat.safetensors")
+def test_kohya_files_use_sd_scripts_flux_names_and_round_trip(cat_flux_package):
+    kohya = load_file(cat_flux_package / "kohya" / "cat.safetensors")
     assert all(k.startswith("lora_unet_single_blocks_") for k in kohya)
     assert "lora_unet_single_blocks_10_linear1.lora_down.weight" in kohya
     assert kohya["lora_unet_single_blocks_10_linear1.lora_up.weight"].shape == (7 * 64, 4 * 32)
-    full = canonical(cat_package / "pytorch_lora_weights.safetensors")
+    full = canonical(cat_flux_package / "pytorch_lora_weights.safetensors")
     back = formats.from_kohya_flux(kohya)
     assert sorted(back) == sorted(full)
     for key in full:
@@ -528,12 +538,12 @@ def test_kohya_flux_files_convert_exactly_in_diffusers_at_full_size():
     assert not converted["transformer.single_transformer_blocks.11.proj_mlp.lora_B.weight"].any()
 
 
-def test_exported_loras_reload_in_plain_diffusers_with_their_scale(cat_package, flux_path):
+def test_exported_loras_reload_in_plain_diffusers_with_their_scale(cat_flux_package, flux_path):
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(flux_path)
-    pipe.load_lora_weights(cat_package, adapter_name="full")
-    full = canonical(cat_package / "pytorch_lora_weights.safetensors")
+    pipe.load_lora_weights(cat_flux_package, adapter_name="full")
+    full = canonical(cat_flux_package / "pytorch_lora_weights.safetensors")
     for module in ("single_transformer_blocks.4.attn.to_q", "single_transformer_blocks.10.attn.to_v",
                    "single_transformer_blocks.30.attn.to_k"):
         layer = pipe.transformer.get_submodule(module)
@@ -551,19 +561,19 @@ def _run_cli(argv: list[str]) -> int:
     return main(argv)
 
 
-def test_cli_generate_mixes_packages_and_plain_diffusers_reproduces_it(cat_package, coffee_package, flux_path,
+def test_cli_generate_mixes_packages_and_plain_diffusers_reproduces_it(cat_flux_package, coffee_flux_package, flux_path,
                                                                        tmp_path):
     from diffusers import FluxPipeline
 
     out = tmp_path / "mix.png"
-    code = _run_cli(["generate", "--content", str(cat_package), "--style", str(coffee_package), "--prompt",
+    code = _run_cli(["generate", "--content", str(cat_flux_package), "--style", str(coffee_flux_package), "--prompt",
                      "A [c] object in [s] style", "--seed", "3", "--out", str(out)])
     assert code == 0 and out.is_file()
-    coffee = json.loads((coffee_package / "adapter.json").read_text())
+    coffee = json.loads((coffee_flux_package / "adapter.json").read_text())
     prompt = f"A [c5] object in {coffee['style_token']} style"
     pipe = FluxPipeline.from_pretrained(flux_path)
-    pipe.load_lora_weights(cat_package, weight_name="content.safetensors", adapter_name="content")
-    pipe.load_lora_weights(coffee_package, weight_name="style.safetensors", adapter_name="style")
+    pipe.load_lora_weights(cat_flux_package, weight_name="content.safetensors", adapter_name="content")
+    pipe.load_lora_weights(coffee_flux_package, weight_name="style.safetensors", adapter_name="style")
     pipe.set_adapters(["content", "style"], adapter_weights=[1.0, 1.0])
     image = pipe(prompt, num_inference_steps=4, guidance_scale=3.5, width=64, height=64,
                  generator=torch.Generator("cpu").manual_seed(3)).images[0]
@@ -575,11 +585,11 @@ def test_cli_generate_mixes_packages_and_plain_diffusers_reproduces_it(cat_packa
     assert not np.array_equal(np.asarray(plain), np.asarray(image))
 
 
-def test_cli_generate_reembeds_a_subject_with_the_content_branch(cat_package, tmp_path):
+def test_cli_generate_reembeds_a_subject_with_the_content_branch(cat_flux_package, tmp_path):
     outs = []
     for part in ("content_reembed", "content"):
         out = tmp_path / f"{part}.png"
-        code = _run_cli(["generate", "--content", str(cat_package), "--content-part", part, "--prompt",
+        code = _run_cli(["generate", "--content", str(cat_flux_package), "--content-part", part, "--prompt",
                          "A [c] object wearing a hat", "--out", str(out)])
         assert code == 0
         outs.append(np.asarray(Image.open(out)))
