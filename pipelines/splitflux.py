@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines import formats
 from pipelines.adapters import (
     AdapterLayer,
     LoRAConfig,
@@ -851,8 +852,10 @@ def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=No
             "content_reembed": (("content_reembed",), f"A {ct} object wearing a hat"),
             "style": (("style",), f"A cat in {st} style"),
         }.items():
-            samples[stem] = sample_with_parts(pipe, {r: parts[r] for r in active}, prompt, settings.resolution,
-                                              sample_steps, request.seed, spec)
+            sample = sample_with_parts if not getattr(pipe.transformer, "_blockstudio_fp8", False) \
+                else sample_with_own_layers
+            samples[stem] = sample(pipe, {r: parts[r] for r in active}, prompt, settings.resolution,
+                                   sample_steps, request.seed, spec)
             sample_prompts[stem] = prompt
     info = package_info(prepared, request, result.steps, sample_prompts,
                         result.loss_history[-1] if result.loss_history else None)
@@ -862,6 +865,36 @@ def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=No
     if not request.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def sample_with_own_layers(pipe, parts: dict[str, dict[str, torch.Tensor]], prompt: str, resolution: int,
+                           steps: int, seed: int, spec) -> Image.Image:
+    """`sample_with_parts` for a transformer stored in fp8: the parts as fp32 LoRA layers of our own.
+
+    diffusers gives LoRA layers loaded into a layerwise-cast model the storage dtype (fp8), which cannot
+    compute; these layers compute what the exported standard LoRA computes (`W x + B A x`) in fp32.
+    """
+    from pipelines.generation import preview_image
+
+    transformer = pipe.transformer
+    factors = {}
+    for state in parts.values():
+        for module, (a, b) in formats.lora_modules(state).items():
+            factors[module] = (a, b)
+
+    def make(base):
+        return LoRALinear(base, LoRAConfig(rank=1))
+
+    layers = inject_adapters(transformer, list(factors), make)
+    try:
+        for module, layer in layers.items():
+            a, b = factors[module]
+            device = layer.lora_A.device
+            layer.lora_A = torch.nn.Parameter(a.float().to(device), requires_grad=False)
+            layer.lora_B = torch.nn.Parameter(b.float().to(device), requires_grad=False)
+        return preview_image(pipe, prompt, resolution, steps, seed, spec)
+    finally:
+        remove_adapters(transformer, list(layers))
 
 
 def package_info(prepared: PreparedRequest, request: SplitFluxRequest, steps: int, sample_prompts: dict,

@@ -449,6 +449,22 @@ def test_fp8_base_trains_with_fp32_adapters(flux_pipe):
         recipe.remove_adapters()
 
 
+def test_fp8_samples_use_own_layers_that_compute_what_diffusers_computes(cat_flux_package, flux_pipe):
+    from pipelines.generation import sample_with_parts
+    from pipelines.package import AdapterPackage
+    from pipelines.splitflux import sample_with_own_layers
+
+    package = AdapterPackage.open(cat_flux_package)
+    parts = {"content": package.state_dict("content"), "style": package.state_dict("style")}
+    spec = flux_pipe.blockstudio_model
+    ours = np.asarray(sample_with_own_layers(flux_pipe, parts, "A [c5] object", 64, 2, 0, spec), dtype=float)
+    assert adapter_layers(flux_pipe.transformer) == {}
+    theirs = np.asarray(sample_with_parts(flux_pipe, parts, "A [c5] object", 64, 2, 0, spec), dtype=float)
+    plain = np.asarray(sample_with_parts(flux_pipe, {}, "A [c5] object", 64, 2, 0, spec), dtype=float)
+    assert np.abs(ours - theirs).max() <= 2
+    assert np.abs(plain - theirs).max() > 10
+
+
 def test_nf4_without_bitsandbytes_or_cuda_fails_in_one_line(tmp_path):
     from pipelines.splitflux import check_quantization
 
