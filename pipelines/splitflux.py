@@ -40,9 +40,10 @@ package mixes with the style of another.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from pipelines.adapters import (
     RankConstrainedLinear,
     VisualGatedConfig,
     VisualGatedLoRALinear,
+    complementary_loss,
     inject_adapters,
     remove_adapters,
     visual_gate,
@@ -429,9 +431,11 @@ class SplitFluxRecipe:
 
         # One image: encode it once (fp32 VAE) and keep its latent distribution, so every step still draws a
         # fresh latent sample as diffusers' Flux script does without --cache_latents.
+        vae_dtype = pipe.vae.dtype
         pipe.vae.to(device, dtype=torch.float32)
         with torch.no_grad():
             dist = pipe.vae.encode(_to_pixels(self.image).to(device)).latent_dist
+        pipe.vae.to(dtype=vae_dtype)  # FluxPipeline decodes latents of the pipeline's dtype with it
         self.latent_mean = dist.mean.detach()
         self.latent_std = dist.std.detach()
         self.scaling_factor = pipe.vae.config.scaling_factor
@@ -500,7 +504,7 @@ class SplitFluxRecipe:
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         packed, target, timestep = self.sample_latents(generator)
         guidance = torch.full((1,), self.settings.guidance, device=self.device) if self.guidance_embeds else None
-        autocast = self.accelerator.autocast() if self.accelerator is not None else _null_context()
+        autocast = self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
         with autocast:
             prediction = self.predict(packed.to(self.weight_dtype), timestep, guidance)
         mse = F.mse_loss(prediction.float(), target.float())
@@ -520,7 +524,7 @@ class SplitFluxRecipe:
             if self.checkpointing:
                 from torch.utils.checkpoint import checkpoint
 
-                terms.append(checkpoint(_layer_complementary, layer.lora_A_content, layer.lora_B_content,
+                terms.append(checkpoint(complementary_loss, layer.lora_A_content, layer.lora_B_content,
                                         layer.lora_A_residual, layer.lora_B_residual, use_reentrant=False))
             else:
                 terms.append(layer.complementary_loss())
@@ -622,20 +626,6 @@ class SplitFluxRecipe:
         return parts
 
 
-def _layer_complementary(a, b, c, d):
-    from pipelines.adapters.visual_gated import complementary_loss
-
-    return complementary_loss(a, b, c, d)
-
-
-class _null_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens, FluxPipeline's packing."""
     b, c, h, w = latents.shape
@@ -709,7 +699,6 @@ class PreparedRequest:
     out: Path
     work: Path
     fingerprint: str
-    extra: dict = field(default_factory=dict)
 
 
 TINY_TEXT_LENGTH = 32

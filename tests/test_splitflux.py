@@ -358,6 +358,40 @@ def test_gate_inside_the_model_is_per_image_token(recipe):
     assert layer.image_gate is None  # cleared after the block
 
 
+@pytest.mark.parametrize("source", ["block_input", "layer_input"])
+def test_gate_features_are_a_parameter(flux_pipe, source):
+    from pipelines.adapters import visual_gate
+
+    recipe = make_recipe(flux_pipe, gate_source=source, text_gate=0.25)
+    seen = {}
+    block = recipe.transformer.single_transformer_blocks[2]
+    layer = recipe.layers["single_transformer_blocks.2.attn.to_k"]
+    original = layer.token_gate
+
+    # Only the content stream's call (the style stream runs without gradients).
+    def spy(x):
+        if torch.is_grad_enabled():
+            seen["gate"], seen["x"] = original(x).detach(), x.detach()
+        return original(x)
+
+    def entering(module, args, kwargs):
+        if torch.is_grad_enabled():
+            seen["block"] = kwargs["hidden_states"].detach()
+
+    handle = block.register_forward_pre_hook(entering, with_kwargs=True)
+    layer.token_gate = spy
+    try:
+        recipe.loss(torch.Generator().manual_seed(0))
+    finally:
+        del layer.token_gate
+        handle.remove()
+        recipe.remove_adapters()
+    gate = seen["gate"][0, :, 0]
+    assert torch.equal(gate[:TEXT_LEN], torch.full((TEXT_LEN,), 0.25))
+    features = seen["block"] if source == "block_input" else seen["x"][:, TEXT_LEN:]
+    torch.testing.assert_close(gate[TEXT_LEN:], visual_gate(features)[0])
+
+
 def test_loss_has_the_complementary_term_with_its_weight(recipe):
     randomize_up_factors(recipe)
     loss, terms = recipe.loss(torch.Generator().manual_seed(0))
