@@ -100,19 +100,21 @@ def _kohya_metadata(info: dict, part: str, state_dict: dict[str, torch.Tensor]) 
     ranks = sorted({int(a.shape[0]) for a, _ in formats.lora_modules(state_dict).values()})
     arch = info.get("arch", "sdxl")
     meta = _file_metadata(info, part)
+    # A style part answers to the style token where the method trains one of its own (SplitFlux).
+    trigger = (info.get("style_token") or info.get("token")) if part == "style" else info.get("token")
     meta.update({
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if arch == "sdxl" else "networks.lora_flux",
         "ss_network_dim": str(ranks[-1]),
         "ss_network_alpha": str(ranks[-1]),
         "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "flux1",
         "ss_output_name": f"{info.get('name', 'adapter')}_{part}",
-        "ss_training_comment": f"{info.get('method')} {part}; trigger {info.get('token')}",
+        "ss_training_comment": f"{info.get('method')} {part}; trigger {trigger}",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if arch == "sdxl" else "flux-1-dev/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
         else "https://github.com/black-forest-labs/flux",
         "modelspec.title": f"{info.get('name', 'adapter')} ({part})",
-        "modelspec.trigger_phrase": info.get("token", ""),
+        "modelspec.trigger_phrase": trigger or "",
     })
     return meta
 

@@ -560,6 +560,8 @@ def test_kohya_files_use_sd_scripts_flux_names_and_round_trip(cat_flux_package):
     kohya = load_file(cat_flux_package / "kohya" / "cat.safetensors")
     assert all(k.startswith("lora_unet_single_blocks_") for k in kohya)
     assert "lora_unet_single_blocks_10_linear1.lora_down.weight" in kohya
+    _, style_meta = formats.read_safetensors(cat_flux_package / "kohya" / "cat_style.safetensors")
+    assert style_meta["modelspec.trigger_phrase"] == "[s5]" and style_meta["ss_network_module"] == "networks.lora_flux"
     assert kohya["lora_unet_single_blocks_10_linear1.lora_up.weight"].shape == (7 * 64, 4 * 32)
     full = canonical(cat_flux_package / "pytorch_lora_weights.safetensors")
     back = formats.from_kohya_flux(kohya)
