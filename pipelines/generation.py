@@ -8,6 +8,7 @@ with the package's files (`load_lora_weights`, `set_adapters`, a CPU generator) 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,11 @@ def _call(pipe, prompt: str, resolution: int, steps: int, seed: int, guidance: f
     try:
         for name in homes:
             getattr(pipe, name).to(device)
-        with torch.no_grad():
+        # Training leaves the denoiser in bf16/fp16 and the VAE in fp32 (for encoding), so dtypes meet at
+        # several points of the pipeline; autocast reconciles them, as during the training forward.
+        mixed = denoiser.dtype != torch.float32
+        autocast = torch.autocast(device.type, dtype=denoiser.dtype) if mixed else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
             return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, width=resolution,
                         height=resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     finally:

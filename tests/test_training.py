@@ -148,3 +148,20 @@ def test_same_seed_same_adapter_and_other_seed_another(tmp_path):
     c = _weights(train_tiny(tmp_path / "c", steps=2, samples=False, seed=1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_gpu_memory_options_run_the_same_code_path_on_cpu(tmp_path):
+    """bf16 mixed precision and gradient checkpointing (the GPU defaults), with previews, on a CPU."""
+    previews = []
+    from pipelines.blora import TrainRequest, train_blora
+    from tests.conftest import EXAMPLES
+
+    package = train_blora(
+        TrainRequest(image=EXAMPLES / "cat.jpg", out=tmp_path / "p", model="tiny-sdxl", steps=4, rank=4,
+                     mixed_precision="bf16", gradient_checkpointing=True, sample_every=2, sample_steps=2),
+        on_sample=lambda step, image: previews.append((step, image.size)),
+    )
+    assert previews == [(2, (64, 64)), (4, (64, 64))]
+    weights = _weights(package)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # trained, not left at zero
