@@ -687,6 +687,23 @@ def test_previews_during_training_reach_the_callback(tmp_path, shared_pipe):
     assert adapter_layers(shared_pipe.transformer) == {}
 
 
+def test_gpu_memory_options_run_the_same_code_path_on_cpu(tmp_path):
+    """bf16 mixed precision, gradient checkpointing, fp8 storage and previews (the GPU path) on a CPU."""
+    from pipelines.models import load_pipeline
+
+    previews = []
+    package = train_splitflux(
+        SplitFluxRequest(image=EXAMPLES / "cat.jpg", out=tmp_path / "p", model="tiny-flux", steps=4,
+                         learning_rate=1e-3, mixed_precision="bf16", gradient_checkpointing=True,
+                         quantize_base="fp8", sample_every=2, sample_steps=1, checkpoint_every=0),
+        pipe=load_pipeline("tiny-flux"), on_sample=lambda step, image: previews.append((step, image.size)))
+    assert previews == [(2, (64, 64)), (4, (64, 64))]
+    weights = load_file(package / "pytorch_lora_weights.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora.up" in k)
+    assert (package / "samples" / "full.png").is_file()
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, shared_pipe):
     from pipelines.training import CancelToken, TrainingCancelled
 
