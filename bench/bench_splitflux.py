@@ -9,7 +9,8 @@ Each configuration runs in its own subprocess so that peak memory is its own:
 
 Memory: on CPU, the process's peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), reported
 whole and above the resident size after loading the model, before training is set up; on CUDA, `torch.cuda.max_memory_allocated`.
-Speed: steps per second over the timed steps, after warm-up steps. `--full-size` builds a random-weight
+Speed: steps per second over the timed steps, after warm-up steps; the configurations alternate for
+`--repeats` rounds and each keeps its fastest run. `--full-size` builds a random-weight
 transformer with FLUX.1's full configuration (needs a CUDA GPU; text encoders and VAE stay small, sized to
 fit it), in bf16 with gradient checkpointing for both configurations.
 
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="default 64 (tiny) or 512 (full size)")
     parser.add_argument("--text-length", type=int, default=None, help="T5 tokens; default 32 (tiny) or 512")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per configuration")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the fastest is kept")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--full-size", action="store_true", help="FLUX.1's full transformer, random weights (GPU)")
@@ -263,15 +265,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     given = list(argv if argv is not None else sys.argv[1:])
     command = " ".join(["python bench/bench_splitflux.py", shlex.join(given)]).strip()
-    results = {}
-    for config in CONFIGS:
-        proc = subprocess.run([sys.executable, __file__, *given, "--worker", config], capture_output=True,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{config} failed (exit {proc.returncode})")
-        results[config] = json.loads(lines[-1][len("RESULT "):])
+    runs: dict[str, list[dict]] = {config: [] for config in CONFIGS}
+    # The configurations alternate, and each keeps its fastest run, so that load from other processes on
+    # a shared machine distorts the ratio less.
+    for _ in range(args.repeats):
+        for config in CONFIGS:
+            proc = subprocess.run([sys.executable, __file__, *given, "--worker", config], capture_output=True,
+                                  text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{config} failed (exit {proc.returncode})")
+            runs[config].append(json.loads(lines[-1][len("RESULT "):]))
+    results = {config: dict(max(found, key=lambda r: r["steps_per_s"]),
+                            all_steps_per_s=[r["steps_per_s"] for r in found])
+               for config, found in runs.items()}
     split, plain = results["splitflux"], results["diffusers_lora"]
     memory_key = "cuda_peak_allocated_mb" if "cuda_peak_allocated_mb" in split else "peak_rss_mb"
     report = {
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "settings": {"rank": args.rank, "resolution": args.resolution, "text_length": args.text_length,
                      "target_modules": list(TARGETS), "batch_size": 1, "learning_rate": 1e-4,
-                     "timed_steps": args.steps, "warmup_steps": args.warmup,
+                     "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats,
                      "mixed_precision": args.mixed_precision or "auto (fp32 on CPU, bf16 on GPU)",
                      "gradient_checkpointing": "auto (on for GPU)" if args.gradient_checkpointing is None
                      else args.gradient_checkpointing},
