@@ -262,6 +262,23 @@ def discard_if_unused(work: Path) -> Iterator[None]:
 # -- the loop ------------------------------------------------------------------------------------------
 
 
+def _allow_new_precision(mixed_precision: str) -> None:
+    """Let a single-process run choose its own mixed precision.
+
+    accelerate keeps one process-wide state and refuses a second `Accelerator` with another precision, but a
+    process that trains several adapters one after another (the app, the tests) must give each run the
+    precision it asks for. Distributed launches keep theirs.
+    """
+    from accelerate.state import AcceleratorState, DistributedType
+
+    shared = AcceleratorState._shared_state
+    if not shared or shared.get("_mixed_precision") in (None, mixed_precision):
+        return
+    if shared.get("distributed_type", DistributedType.NO) != DistributedType.NO:
+        return
+    AcceleratorState._reset_state()
+
+
 def train(
     recipe: Recipe,
     config: TrainConfig,
@@ -285,6 +302,7 @@ def train(
     if accelerator is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         mixed = resolve_mixed_precision(config.mixed_precision, torch.device(device_type))
+        _allow_new_precision(mixed)
         accelerator = Accelerator(mixed_precision=mixed, cpu=device_type == "cpu")
     recipe.setup(accelerator, config)
     module = recipe.trainable_module()

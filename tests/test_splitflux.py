@@ -69,11 +69,14 @@ def crop(name: str = "cat.jpg") -> Image.Image:
 def make_recipe(pipe, **overrides) -> SplitFluxRecipe:
     from accelerate import Accelerator
 
+    from pipelines.training import _allow_new_precision
+
     options = dict(token="[c1]", style_token="[s1]", resolution=64, max_sequence_length=TEXT_LEN)
     options.update(overrides)
     config_options = {"gradient_checkpointing": options.pop("gradient_checkpointing", None)}
     recipe = SplitFluxRecipe(pipe, crop(), SplitFluxSettings(**options))
-    recipe.setup(Accelerator(cpu=True), default_train_config(**config_options))
+    _allow_new_precision("no")  # fp32, whatever an earlier test in this process chose
+    recipe.setup(Accelerator(mixed_precision="no", cpu=True), default_train_config(**config_options))
     return recipe
 
 
