@@ -146,7 +146,8 @@ def run_diffusers_lora(args, pipe) -> dict:
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    from pipelines.splitflux import _latent_image_ids, _pack, _to_pixels
+    from pipelines.images import to_pixels
+    from pipelines.splitflux import _latent_image_ids, _pack
     from pipelines.training import resolve_mixed_precision, weight_dtype_for
 
     device = pipe.transformer.device
@@ -167,7 +168,7 @@ def run_diffusers_lora(args, pipe) -> dict:
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pixels = _to_pixels(image(args.resolution)).to(device)
+    pixels = to_pixels(image(args.resolution)).to(device)
     vae = pipe.vae.to(torch.float32)
     prompt = "A [c1] object"
     generator = torch.Generator().manual_seed(0)

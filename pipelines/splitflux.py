@@ -66,7 +66,8 @@ from pipelines.adapters import (
     visual_gate,
 )
 from pipelines.errors import BlockStudioError
-from pipelines.training import TrainConfig, weight_dtype_for
+from pipelines.images import to_pixels
+from pipelines.training import RunRequest, TrainConfig, weight_dtype_for
 
 NUM_SINGLE_BLOCKS = 38
 SINGLE_BLOCKS = "single_transformer_blocks"
@@ -434,7 +435,7 @@ class SplitFluxRecipe:
         vae_dtype = pipe.vae.dtype
         pipe.vae.to(device, dtype=torch.float32)
         with torch.no_grad():
-            dist = pipe.vae.encode(_to_pixels(self.image).to(device)).latent_dist
+            dist = pipe.vae.encode(to_pixels(self.image).to(device)).latent_dist
         pipe.vae.to(dtype=vae_dtype)  # FluxPipeline decodes latents of the pipeline's dtype with it
         self.latent_mean = dist.mean.detach()
         self.latent_std = dist.std.detach()
@@ -640,31 +641,19 @@ def _latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
 
 
-def _to_pixels(image: Image.Image) -> torch.Tensor:
-    import numpy as np
-
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
 # -- end to end: one image in, one package out ----------------------------------------------------------
 
 
 @dataclass
-class SplitFluxRequest:
+class SplitFluxRequest(RunRequest):
     """Everything `train_splitflux` needs; the CLI and the app both build one of these."""
 
-    image: str | Path | Image.Image
-    out: str | Path
     model: str = "flux-dev"
-    steps: int = 1000
-    rank: int = 64
     content_rank: int = 48
     learning_rate: float = 1e-4
     resolution: int | None = None  # None: the model's native size (1024 for FLUX.1, 64 for tiny-flux)
     token: str | None = None  # content token; None: derived from the image, e.g. [c42]
     style_token: str | None = None  # None: derived from the image, e.g. [s42]
-    seed: int = 0
     target_modules: str | Sequence[str] = DEFAULT_TARGETS
     content_blocks: str | Sequence[int] = "0-9"
     boundary_blocks: str | Sequence[int] = "10-11"
@@ -679,16 +668,6 @@ class SplitFluxRequest:
     max_sequence_length: int | None = None  # None: 512 (FLUX.1's T5 length); 32 on tiny-flux
     timestep_sampling: str = "uniform"
     quantize_base: str = "none"
-    checkpoint_every: int = 250
-    sample_every: int = 0
-    samples: bool = True
-    sample_steps: int | None = None
-    mixed_precision: str | None = None
-    gradient_checkpointing: bool | None = None
-    use_8bit_adam: bool | None = None
-    resume: bool = False
-    restart: bool = False
-    keep_checkpoints: bool = False
 
 
 @dataclass

@@ -71,45 +71,38 @@ def _write_clip_tokenizer(folder: Path, model_max_length: int = 77) -> int:
     return len(vocab)
 
 
+CLIP_VOCAB_SIZE = 256 * 2 + 2  # the byte-level vocabulary written by _write_clip_tokenizer
+
+
+def _clip_config(hidden: int, act: str, projection: int):
+    """A two-layer CLIP text encoder over the tiny byte-level vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=CLIP_VOCAB_SIZE - 2,
+        eos_token_id=CLIP_VOCAB_SIZE - 1,
+        pad_token_id=CLIP_VOCAB_SIZE - 1,
+        hidden_act=act,
+        projection_dim=projection,
+    )
+
+
 def tiny_sdxl_components(seed: int = 0) -> dict:
     """Build the tiny SDXL components in memory (seeded)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    vocab_size = 256 * 2 + 2
     te_hidden, te2_hidden, te2_proj = 32, 32, 32
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=te_hidden,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-            hidden_act="quick_gelu",
-            projection_dim=te_hidden,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_config(te_hidden, "quick_gelu", te_hidden))
     torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=te2_hidden,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-            hidden_act="gelu",
-            projection_dim=te2_proj,
-        )
-    )
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(te2_hidden, "gelu", te2_proj))
     torch.manual_seed(seed + 2)
     # SDXL: DownBlock2D then two cross-attention down blocks; the mirror on the way up. transformer depth
     # (1, 1, 2) stands in for SDXL's (1, 2, 10); up_blocks.0 therefore has three attention blocks of two
@@ -203,28 +196,13 @@ def _t5_tokenizer():
 def tiny_flux_components(seed: int = 0, t5_vocab_size: int | None = None) -> dict:
     """Build the tiny Flux components in memory (seeded)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    clip_vocab = 256 * 2 + 2
     clip_hidden, t5_hidden = 32, 32
     if t5_vocab_size is None:
         t5_vocab_size = len(_t5_tokenizer())
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=clip_vocab,
-            hidden_size=clip_hidden,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=clip_vocab - 2,
-            eos_token_id=clip_vocab - 1,
-            pad_token_id=clip_vocab - 1,
-            hidden_act="quick_gelu",
-            projection_dim=clip_hidden,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_config(clip_hidden, "quick_gelu", clip_hidden))
     torch.manual_seed(seed + 1)
     # T5 v1.1 as in FLUX.1 (gated GELU, no tied embeddings), two layers wide enough to tell prompts apart.
     text_encoder_2 = T5EncoderModel(

@@ -69,6 +69,34 @@ class TrainConfig:
 
 
 @dataclass
+class RunRequest:
+    """What every recipe's end-to-end request shares: the image, the package folder, loop and memory options.
+
+    Recipes subclass it (`blora.TrainRequest`, `splitflux.SplitFluxRequest`) with their own defaults and fields.
+    """
+
+    image: Any
+    out: str | Path
+    model: str = ""
+    steps: int = 1000
+    rank: int = 64
+    learning_rate: float = 5e-5
+    resolution: int | None = None  # None: the model's native size
+    token: str | None = None  # None: a token derived from the image
+    seed: int = 0
+    checkpoint_every: int = 250
+    sample_every: int = 0  # previews during training; 0: none
+    samples: bool = True  # sample images in the package
+    sample_steps: int | None = None
+    mixed_precision: str | None = None  # None: decide from the hardware
+    gradient_checkpointing: bool | None = None
+    use_8bit_adam: bool | None = None
+    resume: bool = False
+    restart: bool = False
+    keep_checkpoints: bool = False
+
+
+@dataclass
 class ProgressEvent:
     step: int
     total_steps: int

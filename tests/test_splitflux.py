@@ -27,16 +27,6 @@ from tests.conftest import EXAMPLES
 TEXT_LEN = 16  # T5 tokens in recipe-level tests (packages use tiny-flux's default of 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """tiny-flux is too narrow to gain from threads, and OpenMP threads of processes sharing a small CPU
-    slow each other down by an order of magnitude."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def flux_path(blockstudio_home) -> Path:
     from pipelines.models import model_path
