@@ -38,6 +38,7 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_blora.py
+	$(PY) bench/bench_splitflux.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -76,9 +76,9 @@ def run_one(kind: str, model: str, steps: int, warmup: int, rank: int, resolutio
         pipe.vae.to(device, dtype=torch.float32)
         pipe.text_encoder.to(device)
         pipe.text_encoder_2.to(device)
-        from pipelines.blora import _to_pixels
+        from pipelines.images import to_pixels
 
-        pixels = _to_pixels(image).to(device)
+        pixels = to_pixels(image).to(device)
 
         def loss_fn(gen):
             with torch.no_grad():

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.training import TrainConfig, weight_dtype_for
+from pipelines.images import to_pixels
+from pipelines.training import RunRequest, TrainConfig, weight_dtype_for
 
 CONTENT_BLOCK = "up_blocks.0.attentions.0"
 STYLE_BLOCK = "up_blocks.0.attentions.1"
@@ -108,7 +109,7 @@ class BLoRARecipe:
         # Encode the image once (fp32 VAE: SDXL's VAE overflows in fp16) and keep its latent distribution,
         # so that every step still draws a fresh latent sample as the reference training does.
         pipe.vae.to(device, dtype=torch.float32)
-        pixels = _to_pixels(self.image).to(device)
+        pixels = to_pixels(self.image).to(device)
         with torch.no_grad():
             dist = pipe.vae.encode(pixels).latent_dist
         self.latent_mean = dist.mean.detach()
@@ -208,39 +209,15 @@ class BLoRARecipe:
             self.unet.unload_lora()  # also drop PEFT's empty wrappers
 
 
-def _to_pixels(image: Image.Image) -> torch.Tensor:
-    import numpy as np
-
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
 # -- end to end: one image in, one package out ----------------------------------------------------------
 
 
 @dataclass
-class TrainRequest:
+class TrainRequest(RunRequest):
     """Everything `train_blora` needs; the CLI and the app both build one of these."""
 
-    image: str | Path | Image.Image
-    out: str | Path
     model: str = "sdxl"
-    steps: int = 1000
-    rank: int = 64
-    learning_rate: float = 5e-5
-    resolution: int | None = None  # None: the model's native size (1024 for SDXL, 64 for tiny-sdxl)
-    token: str | None = None  # None: a token derived from the image, e.g. [v42]
-    seed: int = 0
-    checkpoint_every: int = 250
-    sample_every: int = 0
-    samples: bool = True
-    sample_steps: int | None = None
-    mixed_precision: str | None = None
-    gradient_checkpointing: bool | None = None
-    use_8bit_adam: bool | None = None
-    resume: bool = False
-    restart: bool = False
-    keep_checkpoints: bool = False
+    learning_rate: float = 5e-5  # resolution None: 1024 for SDXL, 64 for tiny-sdxl; token None: e.g. [v42]
 
 
 def prepare_request(request: TrainRequest):

@@ -8,7 +8,9 @@ Inside Block Studio an adapter is a PEFT state dict without a component prefix
   write and `pipe.load_lora_weights` reads), with `lora_adapter_metadata` for PEFT's config;
 - kohya format: `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, the form A1111,
   Forge and ComfyUI read (block names in diffusers form; SGM names such as `output_blocks_0_1` are read on
-  import).
+  import). For Flux, sd-scripts' names of the original (BFL) model:
+  `lora_unet_single_blocks_N_linear1` holds to_q, to_k, to_v and proj_mlp fused, written losslessly with a
+  block-diagonal `lora_up` (see `to_kohya_flux`).
 
 Only safetensors are read: pickled checkpoints are refused before they are opened.
 """
@@ -138,6 +140,152 @@ def to_kohya(state_dict: Mapping[str, torch.Tensor], prefix: str = "lora_unet") 
     return out
 
 
+# -- kohya names of Flux (sd-scripts, the original BFL module names) --------------------------------------
+
+# kohya module -> the diffusers modules it fuses, in the order their outputs are stacked.
+_FLUX_SINGLE_KOHYA = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+_FLUX_DOUBLE_KOHYA = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+_FLUX_KOHYA_KEY = re.compile(r"^lora_unet_(single|double)_blocks_(\d+)_([a-z0-9_]+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_FLUX_BLOCKS = {"single": ("single_transformer_blocks", _FLUX_SINGLE_KOHYA),
+                "double": ("transformer_blocks", _FLUX_DOUBLE_KOHYA)}
+
+
+def _flux_fused_dims(kohya_module: str, width: int) -> list[int]:
+    """Output sizes of the modules a kohya Flux module fuses (Flux's MLP is 4x the width)."""
+    if kohya_module == "linear1":
+        return [width, width, width, 4 * width]
+    if kohya_module.endswith("_qkv"):
+        return [width] * 3
+    raise KeyError(kohya_module)
+
+
+def to_kohya_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical Flux LoRA -> sd-scripts keys (`lora_unet_single_blocks_3_linear1`), lossless, `.alpha` = rank.
+
+    Fused kohya modules get one rank-R chunk per member module (R = the largest member rank; smaller ranks and
+    absent members are zero-padded): `lora_down` stacks the chunks and `lora_up` is block-diagonal, so
+    up @ down is exactly the members' updates stacked, and diffusers' `_convert_kohya_flux_lora_to_diffusers`
+    splits it back into the same factors.
+    """
+    modules = lora_modules(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for kind, (diffusers_blocks, table) in _FLUX_BLOCKS.items():
+        pattern = re.compile(rf"^{diffusers_blocks}\.(\d+)\.(.+)$")
+        groups: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for module, pair in modules.items():
+            match = pattern.match(module)
+            if not match:
+                continue
+            for kohya_name, members in table.items():
+                if match[2] in members:
+                    groups.setdefault((int(match[1]), kohya_name), {})[match[2]] = pair
+                    done.add(module)
+        for (index, kohya_name), present in sorted(groups.items()):
+            members = table[kohya_name]
+            name = f"lora_unet_{kind}_blocks_{index}_{kohya_name}"
+            if len(members) == 1:
+                a, b = present[members[0]]
+            else:
+                a, b = _fuse_block_diagonal(kohya_name, members, present)
+            out[f"{name}.lora_down.weight"] = a.contiguous()
+            out[f"{name}.lora_up.weight"] = b.contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(a.shape[0]))
+    left = sorted(set(modules) - done)
+    if left:
+        raise InvalidAdapter(f"module {left[0]} has no kohya name for Flux (only transformer blocks are exported)")
+    return out
+
+
+def _fuse_block_diagonal(kohya_name: str, members: tuple[str, ...],
+                         present: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    rank = max(a.shape[0] for a, _ in present.values())
+    width = next(iter(present.values()))[0].shape[1]
+    dims = _flux_fused_dims(kohya_name, width)
+    first_a = next(iter(present.values()))[0]
+    down = first_a.new_zeros(rank * len(members), width)
+    up = first_a.new_zeros(sum(dims), rank * len(members))
+    row = 0
+    for i, (member, dim) in enumerate(zip(members, dims, strict=True)):
+        if member in present:
+            a, b = present[member]
+            if b.shape[0] != dim:
+                raise InvalidAdapter(f"{member}: LoRA output size {b.shape[0]} does not fit Flux's {kohya_name}")
+            down[i * rank: i * rank + a.shape[0]] = a
+            up[row: row + dim, i * rank: i * rank + a.shape[0]] = b
+        row += dim
+    return down, up
+
+
+def from_kohya_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sd-scripts Flux keys -> canonical (alpha folded in, fused modules split, zero padding dropped)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        match = _FLUX_KOHYA_KEY.match(key)
+        if match is None:
+            raise InvalidAdapter(f"key {key!r} is not a kohya Flux LoRA weight")
+        grouped.setdefault(f"{match[1]}|{match[2]}|{match[3]}", {})[match[4]] = value
+    out: dict[str, torch.Tensor] = {}
+    for group, tensors in grouped.items():
+        kind, index, kohya_name = group.split("|")
+        diffusers_blocks, table = _FLUX_BLOCKS[kind]
+        if kohya_name not in table:
+            raise InvalidAdapter(f"lora_unet_{kind}_blocks_{index}_{kohya_name}: unknown Flux module")
+        if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
+            raise InvalidAdapter(f"lora_unet_{kind}_blocks_{index}_{kohya_name} lacks one of its two LoRA factors")
+        down, up = tensors["lora_down.weight"].float(), tensors["lora_up.weight"].float()
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
+        up = up * (alpha / down.shape[0])
+        members = table[kohya_name]
+        if len(members) == 1:
+            pieces = {members[0]: (down, up)}
+        else:
+            pieces = _split_fused(kohya_name, members, down, up)
+        for member, (a, b) in pieces.items():
+            keep = (a.abs().sum(dim=1) > 0) | (b.abs().sum(dim=0) > 0)
+            if not bool(keep.any()):
+                continue  # zero padding for a module that had no LoRA
+            module = f"{diffusers_blocks}.{index}.{member}"
+            out[f"{module}.lora_A.weight"] = a[keep].contiguous()
+            out[f"{module}.lora_B.weight"] = b[:, keep].contiguous()
+    return out
+
+
+def _split_fused(kohya_name: str, members: tuple[str, ...], down: torch.Tensor, up: torch.Tensor
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    dims = _flux_fused_dims(kohya_name, down.shape[1])
+    if sum(dims) != up.shape[0]:
+        raise InvalidAdapter(f"{kohya_name}: lora_up has {up.shape[0]} rows, expected {sum(dims)}")
+    n = len(members)
+    rank = down.shape[0]
+    ups = torch.split(up, dims, dim=0)
+    if rank % n == 0:
+        chunk = rank // n
+        sparse = all(
+            not bool(ups[j][:, k * chunk:(k + 1) * chunk].any()) for j in range(n) for k in range(n) if j != k
+        )
+        if sparse:
+            return {m: (down[i * chunk:(i + 1) * chunk], ups[i][:, i * chunk:(i + 1) * chunk])
+                    for i, m in enumerate(members)}
+    # A dense fused update: every member shares the down projection.
+    return {m: (down, ups[i]) for i, m in enumerate(members)}
+
+
 def _fold_alpha(modules: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
     out = {}
     for module, pair in modules.items():
@@ -169,11 +317,17 @@ def normalize_lora(
 
     Accepted: PEFT (`lora_A/lora_B`), diffusers (`lora.down/lora.up`, also old `processor.to_q_lora`), with or
     without `unet.` / `unet.unet.` / `transformer.` prefixes, and kohya (`lora_unet_*`, diffusers or SGM block
-    names, `.alpha`). `module_names` are the Linear modules of the base model, used to resolve kohya names.
+    names, `.alpha`; for Flux, sd-scripts' `lora_unet_single_blocks_*` / `lora_unet_double_blocks_*`). `module_names` are the Linear modules of the base model, used to resolve kohya names.
     """
     modules: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     dropped_te = 0
+    flux_kohya = {k: v for k, v in state_dict.items() if _FLUX_KOHYA_KEY.match(k)}
+    if flux_kohya:
+        for key, value in from_kohya_flux(flux_kohya).items():
+            module, kind = _split_lora_key(key)
+            modules.setdefault(module, {})[kind] = value
+        state_dict = {k: v for k, v in state_dict.items() if k not in flux_kohya}
     for raw_key, value in state_dict.items():
         key = raw_key
         if key.startswith(("lora_te", "text_encoder", "te1", "te2")):

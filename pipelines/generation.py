@@ -160,7 +160,7 @@ class StudioPipeline:
         if prompt is None:
             prompt = default_prompt(content is not None, style is not None, method)
         text = expand_prompt(
-            prompt, content.package.token if content else None, style.package.token if style else None
+            prompt, content.package.token if content else None, style.package.style_token if style else None
         )
         self.set_adapters(content, style)
         kwargs = dict(

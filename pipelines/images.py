@@ -80,3 +80,12 @@ def center_crop_square(image: Image.Image, resolution: int) -> Image.Image:
     top = (height - side) // 2
     square = image.crop((left, top, left + side, top + side))
     return square.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def to_pixels(image: Image.Image):
+    """An RGB image as the (1, 3, H, W) tensor in [-1, 1] that diffusers' VAEs encode."""
+    import numpy as np
+    import torch
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()

@@ -54,6 +54,7 @@ def render_model_card(info: dict) -> str:
     parts = [p for p in ("content", "content_reembed", "style") if p in info.get("files", {})]
     pipeline = PIPELINES.get(arch, "DiffusionPipeline")
     content_prompt = f"A {token}" if method == "b-lora" else f"A {token} object"
+    dtype = "bfloat16" if arch == "flux" else "float16"
     body = [
         "",
         f"# {name}",
@@ -89,7 +90,7 @@ def render_model_card(info: dict) -> str:
         "import torch",
         f"from diffusers import {pipeline}",
         "",
-        f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.{dtype}).to("cuda")',
         f'pipe.load_lora_weights("{name}", weight_name="content.safetensors", adapter_name="content")',
         'pipe.load_lora_weights("<another package>", weight_name="style.safetensors", adapter_name="style")',
         'pipe.set_adapters(["content", "style"], adapter_weights=[1.0, 1.0])',
@@ -100,6 +101,10 @@ def render_model_card(info: dict) -> str:
         "`set_adapters` convention); the official B-LoRA code's `alpha` scales both LoRA factors, so its "
         "`alpha = a` equals a scale of `a * a` here.",
         "",
+    ]
+    if method == "splitflux":
+        body += _splitflux_notes(info)
+    body += [
         "## Use with ComfyUI, A1111 or Forge",
         "",
         f"Load `kohya/{name}_content.safetensors` or `kohya/{name}_style.safetensors` with a LoRA loader node "
@@ -110,8 +115,8 @@ def render_model_card(info: dict) -> str:
         "| setting | value |",
         "| --- | --- |",
     ]
-    for key in ("method", "base_model", "steps", "rank", "learning_rate", "resolution", "seed", "blocks",
-                "target_modules", "created"):
+    for key in ("method", "base_model", "steps", "rank", "content_rank", "rca_alpha", "learning_rate", "resolution",
+                "seed", "blocks", "target_modules", "complementary_weight", "style_text", "created"):
         if key in info:
             value = info[key]
             if not isinstance(value, str):
@@ -119,3 +124,19 @@ def render_model_card(info: dict) -> str:
             body.append(f"| {key} | `{value}` |")
     body.append("")
     return "\n".join(lines + body)
+
+
+def _splitflux_notes(info: dict) -> list[str]:
+    style_token = info.get("style_token", "[s]")
+    gate = info.get("gate", {})
+    return [
+        "## SplitFlux parts",
+        "",
+        f"Content was trained with `{info.get('content_prompt')}`, style with `{info.get('style_prompt')}`; "
+        f"the style token is `{style_token}`. To put the subject in new scenes, load "
+        "`content_reembed.safetensors` (the content branch alone) and prompt `A <token> object ...`.",
+        f"The content blocks' two gated branches are exported as {gate.get('exported_content', 'one LoRA')}; "
+        "the gate depends on the input, so no fixed LoRA reproduces it exactly. The boundary blocks' "
+        "rank-constrained alpha is already multiplied into `lora_B`: load every file at scale 1.",
+        "",
+    ]

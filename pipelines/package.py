@@ -88,7 +88,8 @@ class PackageContents:
 
 
 def _file_metadata(info: dict, part: str) -> dict[str, object]:
-    keys = ("method", "base_model", "arch", "token", "prompt", "steps", "seed", "resolution", "blocks", "ranks")
+    keys = ("method", "base_model", "arch", "token", "prompt", "steps", "seed", "resolution", "blocks", "ranks",
+            "style_token", "style_prompt", "rca_alpha", "gate")
     meta = {f"blockstudio.{k}": info[k] for k in keys if k in info}
     meta["blockstudio.part"] = part
     meta["blockstudio.format_version"] = PACKAGE_FORMAT_VERSION
@@ -99,21 +100,30 @@ def _kohya_metadata(info: dict, part: str, state_dict: dict[str, torch.Tensor]) 
     ranks = sorted({int(a.shape[0]) for a, _ in formats.lora_modules(state_dict).values()})
     arch = info.get("arch", "sdxl")
     meta = _file_metadata(info, part)
+    # A style part answers to the style token where the method trains one of its own (SplitFlux).
+    trigger = (info.get("style_token") or info.get("token")) if part == "style" else info.get("token")
     meta.update({
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if arch == "sdxl" else "networks.lora_flux",
         "ss_network_dim": str(ranks[-1]),
         "ss_network_alpha": str(ranks[-1]),
         "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "flux1",
         "ss_output_name": f"{info.get('name', 'adapter')}_{part}",
-        "ss_training_comment": f"{info.get('method')} {part}; trigger {info.get('token')}",
+        "ss_training_comment": f"{info.get('method')} {part}; trigger {trigger}",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if arch == "sdxl" else "flux-1-dev/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
         else "https://github.com/black-forest-labs/flux",
         "modelspec.title": f"{info.get('name', 'adapter')} ({part})",
-        "modelspec.trigger_phrase": info.get("token", ""),
+        "modelspec.trigger_phrase": trigger or "",
     })
     return meta
+
+
+def _kohya_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    # Flux files use sd-scripts' names of the original model, the form ComfyUI, Forge and diffusers all read.
+    if prefix == "transformer":
+        return formats.to_kohya_flux(state)
+    return formats.to_kohya(state, "lora_unet" if prefix == "unet" else f"lora_{prefix}")
 
 
 def write_package(out: str | Path, contents: PackageContents, *, card: str | None = None) -> Path:
@@ -128,9 +138,7 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
         peft_meta = formats.peft_metadata(contents.full, prefix)
         formats.write_safetensors(staging / FULL_WEIGHTS, formats.to_diffusers(contents.full, prefix),
                                   {**_file_metadata(info, "full"), **peft_meta})
-        kohya_prefix = "lora_unet" if prefix == "unet" else f"lora_{prefix}"
-        formats.write_safetensors(staging / "kohya" / f"{name}.safetensors",
-                                  formats.to_kohya(contents.full, kohya_prefix),
+        formats.write_safetensors(staging / "kohya" / f"{name}.safetensors", _kohya_state(contents.full, prefix),
                                   _kohya_metadata(info, "full", contents.full))
         files["kohya"] = f"kohya/{name}.safetensors"
         for role, state in contents.parts.items():
@@ -139,7 +147,7 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
                                       {**_file_metadata(info, role), **formats.peft_metadata(state, prefix)})
             files[role] = f"{role}.safetensors"
             formats.write_safetensors(staging / "kohya" / f"{name}_{role}.safetensors",
-                                      formats.to_kohya(state, kohya_prefix), _kohya_metadata(info, role, state))
+                                      _kohya_state(state, prefix), _kohya_metadata(info, role, state))
             files[f"kohya_{role}"] = f"kohya/{name}_{role}.safetensors"
         if contents.samples:
             (staging / "samples").mkdir()
@@ -192,6 +200,11 @@ class AdapterPackage:
     @property
     def token(self) -> str:
         return self.info.get("token", "[v]")
+
+    @property
+    def style_token(self) -> str:
+        """The token that stands for this package's style (SplitFlux trains one of its own; B-LoRA shares one)."""
+        return self.info.get("style_token") or self.token
 
     @property
     def method(self) -> str:

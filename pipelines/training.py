@@ -69,6 +69,34 @@ class TrainConfig:
 
 
 @dataclass
+class RunRequest:
+    """What every recipe's end-to-end request shares: the image, the package folder, loop and memory options.
+
+    Recipes subclass it (`blora.TrainRequest`, `splitflux.SplitFluxRequest`) with their own defaults and fields.
+    """
+
+    image: Any
+    out: str | Path
+    model: str = ""
+    steps: int = 1000
+    rank: int = 64
+    learning_rate: float = 5e-5
+    resolution: int | None = None  # None: the model's native size
+    token: str | None = None  # None: a token derived from the image
+    seed: int = 0
+    checkpoint_every: int = 250
+    sample_every: int = 0  # previews during training; 0: none
+    samples: bool = True  # sample images in the package
+    sample_steps: int | None = None
+    mixed_precision: str | None = None  # None: decide from the hardware
+    gradient_checkpointing: bool | None = None
+    use_8bit_adam: bool | None = None
+    resume: bool = False
+    restart: bool = False
+    keep_checkpoints: bool = False
+
+
+@dataclass
 class ProgressEvent:
     step: int
     total_steps: int
@@ -262,6 +290,23 @@ def discard_if_unused(work: Path) -> Iterator[None]:
 # -- the loop ------------------------------------------------------------------------------------------
 
 
+def _allow_new_precision(mixed_precision: str) -> None:
+    """Let a single-process run choose its own mixed precision.
+
+    accelerate keeps one process-wide state and refuses a second `Accelerator` with another precision, but a
+    process that trains several adapters one after another (the app, the tests) must give each run the
+    precision it asks for. Distributed launches keep theirs.
+    """
+    from accelerate.state import AcceleratorState, DistributedType
+
+    shared = AcceleratorState._shared_state
+    if not shared or shared.get("_mixed_precision") in (None, mixed_precision):
+        return
+    if shared.get("distributed_type", DistributedType.NO) != DistributedType.NO:
+        return
+    AcceleratorState._reset_state()
+
+
 def train(
     recipe: Recipe,
     config: TrainConfig,
@@ -285,6 +330,7 @@ def train(
     if accelerator is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         mixed = resolve_mixed_precision(config.mixed_precision, torch.device(device_type))
+        _allow_new_precision(mixed)
         accelerator = Accelerator(mixed_precision=mixed, cpu=device_type == "cpu")
     recipe.setup(accelerator, config)
     module = recipe.trainable_module()

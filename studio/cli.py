@@ -92,6 +92,28 @@ def cmd_train_blora(args: argparse.Namespace) -> int:
     return _run_training(lambda **kw: train_blora(request, **kw), args.out)
 
 
+def cmd_train_splitflux(args: argparse.Namespace) -> int:
+    from pipelines.splitflux import SplitFluxRequest, prepare_request, train_splitflux
+
+    request = SplitFluxRequest(
+        image=args.image, out=args.out, model=args.model, steps=args.steps, rank=args.rank,
+        content_rank=args.content_rank, learning_rate=args.lr, resolution=args.resolution, token=args.token,
+        style_token=args.style_token, seed=args.seed, target_modules=args.target_modules,
+        content_blocks=args.content_blocks, boundary_blocks=args.boundary_blocks, style_blocks=args.style_blocks,
+        rca_alpha=args.rca_alpha, complementary_weight=args.complementary_weight, text_gate=args.text_gate,
+        gate_source=args.gate_source, style_text=args.style_text, export_gate=args.export_gate,
+        guidance=args.training_guidance, max_sequence_length=args.max_sequence_length,
+        timestep_sampling=args.timestep_sampling, quantize_base=args.quantize_base,
+        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
+        samples=not args.no_samples, sample_steps=args.sample_steps,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        use_8bit_adam=args.use_8bit_adam, resume=args.resume, restart=args.restart,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+    prepare_request(request)  # every input checked before the model loads
+    return _run_training(lambda **kw: train_splitflux(request, **kw), args.out)
+
+
 def _save_preview(out: str):
     """Write training previews to OUT.partial/samples/step-NNNNNN.png as they arrive."""
     from pipelines.storage import atomic_file
@@ -143,6 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, negative_prompt=args.negative_prompt, num_images=args.num_images,
     )
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+
+
     for image, path in zip(images, paths, strict=False):
         with atomic_file(path) as tmp:
             image.save(tmp, format=_pil_format(path))
@@ -223,6 +247,31 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
     p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None)
 
 
+def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--style-token", default=None, help="style trigger token (default: derived from the image, e.g. [s42])")
+    p.add_argument("--content-rank", type=int, default=48,
+                   help="rank of the gated content branch; the residual branch gets RANK minus this")
+    p.add_argument("--target-modules", default="attn.to_q,attn.to_k,attn.to_v",
+                   help="single-block Linear layers to adapt (attn.to_q/k/v, proj_mlp, proj_out)")
+    p.add_argument("--content-blocks", default="0-9", help="single blocks with the visual-gated LoRA")
+    p.add_argument("--boundary-blocks", default="10-11", help="single blocks with rank-constrained adaptation (or none)")
+    p.add_argument("--style-blocks", default="12-37", help="single blocks with the style LoRA")
+    p.add_argument("--rca-alpha", type=int, default=2, help="boundary rank is RANK/alpha, its update times alpha")
+    p.add_argument("--complementary-weight", type=float, default=0.1)
+    p.add_argument("--text-gate", type=float, default=1.0, help="gate of text tokens in the content blocks (0-1)")
+    p.add_argument("--gate-source", choices=["block_input", "layer_input"], default="block_input",
+                   help="features whose norms gate image tokens")
+    p.add_argument("--style-text", choices=["stream", "embedding"], default="stream",
+                   help="how the style prompt reaches the style blocks: a parallel text stream, or its embedding")
+    p.add_argument("--export-gate", type=float, default=None,
+                   help="fixed gate for content.safetensors (default: both branches at weight 1)")
+    p.add_argument("--training-guidance", type=float, default=1.0, help="guidance embedding value while training")
+    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default 512; 32 on tiny-flux)")
+    p.add_argument("--timestep-sampling", choices=["uniform", "logit_normal"], default="uniform")
+    p.add_argument("--quantize-base", choices=["none", "fp8", "nf4"], default="none",
+                   help="store the frozen transformer in fp8 (layerwise casting) or NF4 (bitsandbytes, CUDA)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockstudio", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     blora.add_argument("--model", default="sdxl", help="sdxl, tiny-sdxl, a Hub id or a local SDXL folder")
     _add_training_options(blora, steps=1000, rank=64, lr=5e-5)
     blora.set_defaults(func=cmd_train_blora)
+    splitflux = methods.add_parser("splitflux", help="SplitFlux on Flux (content and style single-stream blocks)")
+    splitflux.add_argument("--model", default="flux-dev",
+                           help="flux-dev, flux-schnell, tiny-flux, a Hub id or a local Flux folder")
+    _add_training_options(splitflux, steps=1000, rank=64, lr=1e-4)
+    _add_splitflux_options(splitflux)
+    splitflux.set_defaults(func=cmd_train_splitflux)
 
     gen = sub.add_parser("generate", help="generate with content and/or style adapters")
     gen.add_argument("--model", default=None, help="base model (default: the adapters' base model)")

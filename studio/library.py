@@ -114,7 +114,8 @@ class Library:
                 title=folder.name + (" (shared)" if shared else ""),
                 method=info.get("method", "?"),
                 base_model=info.get("base_model", "?"),
-                token=info.get("token", "?"),
+                # SplitFlux trains a style token of its own beside the content token; B-LoRA has one for both.
+                token=" ".join(dict.fromkeys(t for t in (info.get("token"), info.get("style_token")) if t)) or "?",
                 created=str(info.get("created", ""))[:19].replace("T", " "),
                 thumbnail=thumbnail,
                 shared=shared,

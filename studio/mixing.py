@@ -143,7 +143,7 @@ class GenerationService:
         """One image, and the prompt as the model saw it (placeholders replaced by tokens)."""
         spec = base_model_of(content.package if content else None, style.package if style else None)
         text = expand_prompt(prompt, content.package.token if content else None,
-                             style.package.token if style else None)
+                             style.package.style_token if style else None)
         settings = settings.checked()
         with self._lock:
             studio = self.pipeline(spec.name)

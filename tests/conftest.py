@@ -8,9 +8,15 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
+
+# Tiny models gain nothing from several threads, and OpenMP threads that spin while another process holds
+# the cores slow a step by orders of magnitude; one thread keeps timings steady on a shared 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 # Tests never touch the network or the user's caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
