@@ -229,6 +229,7 @@ class JobManager:
         if sample_every < 0:
             raise JobError("preview interval must be 0 (off) or a number of steps")
         token = check_token(token.strip()) if token and token.strip() else None
+        extras = chosen.extra_values(rank)
         picture = load_image(image)
         library = Library(workspace)
         with self._lock:
@@ -246,7 +247,8 @@ class JobManager:
                 id=f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", owner=owner, method=chosen.key,
                 model=spec.name, name=name, total=steps, created=time.time(),
                 settings={"steps": steps, "rank": rank, "learning_rate": float(learning_rate), "seed": seed,
-                          "sample_every": sample_every, "token": token, "sample_steps": sample_steps},
+                          "sample_every": sample_every, "token": token, "sample_steps": sample_steps,
+                          "extras": extras},
             )
             folder = self._job_dir(record)
             folder.mkdir(parents=True, exist_ok=True)
@@ -373,7 +375,7 @@ class JobManager:
             rank=settings["rank"], learning_rate=settings["learning_rate"], seed=settings["seed"],
             token=settings.get("token"), sample_every=settings.get("sample_every") or 0,
             sample_steps=settings.get("sample_steps"), checkpoint_every=max(1, min(250, steps // 10)),
-            samples=True, resume=record.runs > 1,
+            samples=True, resume=record.runs > 1, **settings.get("extras", {}),
         )
         first_event = [True]
 

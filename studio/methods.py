@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ class Method:
     request: str
     train: str
     blurb: str
+    # Request values the studio does not ask for but derives from the rank (rank, recipe defaults) -> values.
+    extras: Callable[[int, dict], dict] | None = None
 
     @property
     def available(self) -> bool:
@@ -43,6 +46,10 @@ class Method:
         known = {f.name for f in dataclasses.fields(request_cls)}
         return request_cls(**{k: v for k, v in values.items() if k in known})
 
+    def extra_values(self, rank: int) -> dict[str, Any]:
+        """The method's own request values for `rank` (raises ValueError when the rank does not suit it)."""
+        return self.extras(rank, self.defaults()) if self.extras else {}
+
     def defaults(self) -> dict[str, Any]:
         """The request dataclass's own defaults (steps, rank, learning rate, ...)."""
         if not self.available:
@@ -52,6 +59,14 @@ class Method:
                 if f.default is not dataclasses.MISSING}
 
 
+def _splitflux_extras(rank: int, defaults: dict) -> dict:
+    """SplitFlux divides its content LoRA into a content branch and a residual one: keep the recipe's split."""
+    if rank < 2:
+        raise ValueError("SplitFlux needs a rank of at least 2: its content adapter has two branches")
+    ratio = defaults.get("content_rank", 48) / defaults.get("rank", 64)
+    return {"content_rank": min(rank - 1, max(1, round(rank * ratio)))}
+
+
 METHODS: dict[str, Method] = {
     m.key: m
     for m in (
@@ -59,7 +74,8 @@ METHODS: dict[str, Method] = {
                "Content and style LoRA on two attention blocks of SDXL's first up-block (Frenkel et al., 2024)."),
         Method("splitflux", "SplitFlux · Flux", "flux", "pipelines.splitflux", "SplitFluxRequest",
                "train_splitflux",
-               "Content and style from Flux's single-stream blocks, with a re-embedding content part."),
+               "Content and style from Flux's single-stream blocks, with a re-embedding content part.",
+               extras=_splitflux_extras),
     )
 }
 

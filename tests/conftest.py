@@ -126,11 +126,12 @@ def studio_server(blockstudio_home):
         stop_studio(server)
 
 
-def start_job(client, workspace: str, image: Path, *, steps: int = 3, name: str = "", sample_every: int = 1) -> str:
+def start_job(client, workspace: str, image: Path, *, steps: int = 3, name: str = "", sample_every: int = 1,
+              method: str = "b-lora", model: str = "tiny-sdxl") -> str:
     """Press Start training through /train; return the new job's id."""
     from gradio_client import handle_file
 
-    picker = client.predict(workspace, handle_file(str(image)), "b-lora", "tiny-sdxl", name, steps, 4, 1e-4, 0,
+    picker = client.predict(workspace, handle_file(str(image)), method, model, name, steps, 4, 1e-4, 0,
                             sample_every, "", api_name="/train")[0]
     return picker["value"]
 
@@ -142,11 +143,11 @@ def job_record(client, workspace: str, job_id: str, action: str = "/job_status")
 
 
 def train_through_app(client, workspace: str, image: Path, *, steps: int = 3, name: str = "",
-                      sample_every: int = 1, timeout: float = 300.0) -> dict:
+                      sample_every: int = 1, timeout: float = 300.0, **method) -> dict:
     """Start a job and poll it as the page does until it stops; return its record."""
     import time
 
-    job_id = start_job(client, workspace, image, steps=steps, name=name, sample_every=sample_every)
+    job_id = start_job(client, workspace, image, steps=steps, name=name, sample_every=sample_every, **method)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         record = job_record(client, workspace, job_id)

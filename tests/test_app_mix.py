@@ -73,3 +73,25 @@ def test_mixing_adapters_of_different_base_models_is_refused(trained, studio_ser
                            api_name="/mix")
     finally:
         info_path.write_text(json.dumps(original))
+
+
+def test_splitflux_packages_train_mix_and_reembed_with_their_own_parts(studio_server):
+    from tests.conftest import EXAMPLES, train_through_app
+
+    client, workspace = studio_server.session()
+    for name in ("cat", "rocket"):
+        record = train_through_app(client, workspace, EXAMPLES / f"{name}.jpg", name=f"{name}-flux", steps=2,
+                                   sample_every=0, method="splitflux", model="tiny-flux")
+        assert record["status"] == "done", record["error"]
+    details = client.predict(workspace, "cat-flux", api_name="/inspect")[1]
+    assert details["adapter"]["method"] == "splitflux" and "content_reembed.safetensors" in details["files"]
+    _, used, _, _ = client.predict(workspace, "cat-flux", 1.0, "rocket-flux", 1.0, "A [c] object in [s] style",
+                                   False, *SETTINGS, api_name="/mix")
+    content_token, style_token = details["adapter"]["token"], "[s"
+    assert content_token in used and style_token in used  # [s] is the style package's own style token
+    gallery = client.predict(workspace, "cat-flux", 1.0, ["A [c] made of gold"], "", *SETTINGS,
+                             api_name="/reembed")
+    assert len(gallery) == 1
+    newest = max(studio_server.studio.workspace_of(workspace).outputs.glob("*.png"))
+    with Image.open(newest) as image:
+        assert '"content": "cat-flux:content_reembed@1"' in image.text["parameters"]

@@ -73,6 +73,10 @@ def test_settings_out_of_range_are_refused(studio_server):
     image = handle_file(str(EXAMPLES / "cat.jpg"))
     with pytest.raises(AppError, match="steps must be between"):
         client.predict(workspace, image, "b-lora", "tiny-sdxl", "", 0, 4, 1e-4, 0, 0, "", api_name="/train")
+    with pytest.raises(AppError, match="rank of at least 2"):
+        client.predict(workspace, image, "splitflux", "tiny-flux", "", 3, 1, 1e-4, 0, 0, "", api_name="/train")
+    with pytest.raises(AppError, match="FLUX model; this method needs SDXL"):
+        client.predict(workspace, image, "b-lora", "tiny-flux", "", 3, 4, 1e-4, 0, 0, "", api_name="/train")
     with pytest.raises(AppError, match="unknown base model"):
         client.predict(workspace, image, "b-lora", "/etc", "", 3, 4, 1e-4, 0, 0, "", api_name="/train")
     with pytest.raises(AppError, match="not allowed"):
