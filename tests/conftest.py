@@ -101,11 +101,11 @@ class StudioServer:
         return client, client.predict(None, api_name="/workspace")
 
 
-def launch_studio(**build_kwargs) -> StudioServer:
+def launch_studio(launch_options: dict | None = None, **build_kwargs) -> StudioServer:
     from studio.app import build_app, launch
 
     demo = build_app(**build_kwargs)
-    _, url, _ = launch(demo=demo, port=None, prevent_thread_lock=True, quiet=True)
+    _, url, _ = launch(demo=demo, port=None, prevent_thread_lock=True, quiet=True, **(launch_options or {}))
     return StudioServer(demo, url)
 
 

@@ -53,3 +53,34 @@ def test_uploads_must_come_through_the_upload_route(trained, studio_server):
     with pytest.raises(AppError):
         client.predict(workspace, handle_file(str(EXAMPLES / "cat.jpg")), "b-lora", "tiny-sdxl", "x", 1, 4, 1e-4,
                        0, 0, "[c]", api_name="/train")
+
+
+def test_two_users_share_one_training_queue_and_see_their_place_in_it(studio_server):
+    from tests.conftest import job_record, start_job
+
+    first_client, first = studio_server.session()
+    second_client, second = studio_server.session()
+    running = start_job(first_client, first, EXAMPLES / "cat.jpg", steps=200, sample_every=0)
+    waiting = start_job(second_client, second, EXAMPLES / "coffee.jpg", steps=200, sample_every=0)
+    status_html = second_client.predict(second, waiting, api_name="/job_status")[0]
+    assert job_record(second_client, second, waiting)["status"] == "queued"
+    assert "1 job ahead of yours" in status_html
+    assert job_record(second_client, second, waiting, "/cancel")["status"] == "cancelled"
+    job_record(first_client, first, running, "/cancel")
+    studio_server.studio.jobs.wait(first, running, timeout=60)
+
+
+def test_uploads_over_the_size_limit_are_refused(tmp_path):
+    from studio.jobs import JobManager
+    from tests.conftest import launch_studio, stop_studio
+
+    server = launch_studio(home=tmp_path, jobs=JobManager(tmp_path, start=False), gpu=False,
+                           launch_options={"max_file_size": "2kb"})
+    try:
+        url = server.url.rstrip("/") + "/gradio_api/upload"
+        small = httpx.post(url, files={"files": ("small.png", b"\x89PNG" + b"0" * 1000)})
+        large = httpx.post(url, files={"files": ("large.png", b"\x89PNG" + b"0" * 4096)})
+        assert small.status_code == 200
+        assert large.status_code == 413
+    finally:
+        stop_studio(server)
