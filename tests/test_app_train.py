@@ -18,7 +18,10 @@ def test_training_reports_progress_previews_and_lands_in_the_library(studio_serv
     assert record["step"] == record["total"] == 3
     assert len(record["losses"]) == 3 and record["it_s"] > 0
     assert record["samples"] == ["step-000001.png", "step-000002.png", "step-000003.png"]
-    status_html, _, gallery, *_ = client.predict(workspace, record["id"], api_name="/job_status")
+    # A page that was polling has these previews already; a page opened now gets them all.
+    polled = client.predict(workspace, record["id"], api_name="/job_status")[2]
+    assert polled.get("__type__") == "update" and "value" not in polled
+    status_html, _, gallery, *_ = studio_server.client().predict(workspace, record["id"], api_name="/job_status")
     assert "Step <b>3</b> / 3" in status_html
     assert any(item["caption"] == "content + style" for item in gallery)
     library = client.predict(workspace, None, api_name="/library")[0]

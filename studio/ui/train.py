@@ -16,6 +16,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from pipelines.errors import BlockStudioError
 from pipelines.images import center_crop_square, load_image
 from pipelines.models import REGISTRY
 from studio.jobs import JobRecord
@@ -49,11 +50,8 @@ def _job_label(record: JobRecord) -> str:
     return f"{record.name} · {METHODS[record.method].label} · {record.model} · {when}"
 
 
-def job_choices(studio: Studio, workspace_id: str | None) -> list[tuple[str, str]]:
-    try:
-        return [(_job_label(r), r.id) for r in studio.jobs.jobs(studio.workspace_of(workspace_id).id)]
-    except Exception:
-        return []
+def job_choices(studio: Studio, owner: str) -> list[tuple[str, str]]:
+    return [(_job_label(r), r.id) for r in studio.jobs.jobs(owner)]
 
 
 def render_status(record: JobRecord | None, ahead: int | None) -> str:
@@ -119,7 +117,7 @@ def _samples(studio: Studio, record: JobRecord | None) -> list[tuple[str, str]]:
     return items
 
 
-def status_values(studio: Studio, record: JobRecord | None) -> tuple:
+def status_values(studio: Studio, record: JobRecord | None, send_samples: bool = True) -> tuple:
     """Everything the progress area shows, in the order of `TrainTab.status_outputs`."""
     ahead = studio.jobs.position(record.id) if record else None
     active = bool(record and record.active)
@@ -129,7 +127,7 @@ def status_values(studio: Studio, record: JobRecord | None) -> tuple:
     return (
         render_status(record, ahead),
         _loss_frame(record),
-        _samples(studio, record),
+        _samples(studio, record) if send_samples else gr.skip(),
         gr.Button(visible=active, interactive=bool(record and record.status in ("queued", "running"))),
         gr.Button(visible=resumable, value=resume_label),
         gr.Button(visible=resumable),
@@ -185,11 +183,12 @@ def build(studio: Studio) -> TrainTab:
     with gr.Row():
         loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Training loss", height=260,
                                 scale=3, buttons=["fullscreen", "export"])
-        samples = gr.Gallery(label="Previews", columns=3, height=260, scale=2, object_fit="contain", fit_columns=False,
-                             buttons=["download", "fullscreen"], elem_id="train-samples")
+        samples = gr.Gallery(label="Previews", columns=3, height=260, scale=2, object_fit="contain",
+                             fit_columns=False, buttons=["download", "fullscreen"], elem_id="train-samples")
     with gr.Accordion("Job record", open=False):
         details = gr.JSON(label="job.json")
     timer = gr.Timer(POLL_SECONDS, active=False)
+    shown = gr.State(None)  # which previews this page already shows
     outputs = [status, loss_plot, samples, cancel, resume, discard, details, timer]
 
     @handler
@@ -237,6 +236,16 @@ def build(studio: Studio) -> TrainTab:
         return status_values(studio, record)
 
     @handler
+    def poll_job(workspace_id, job_id, shown):
+        """The timer's view: like show_job, but previews are sent only when there are new ones."""
+        if not job_id:
+            return status_values(studio, None) + (None,)
+        record = studio.jobs.get(studio.workspace_of(workspace_id).id, job_id)
+        # Previews are whole images; sending them again every second would cost each page bandwidth.
+        key = [record.id, record.status, len(record.samples)]
+        return status_values(studio, record, send_samples=key != shown) + (key,)
+
+    @handler
     def cancel_job(workspace_id, job_id):
         record = studio.jobs.cancel(studio.workspace_of(workspace_id).id, job_id or "")
         return status_values(studio, record)
@@ -258,14 +267,14 @@ def build(studio: Studio) -> TrainTab:
         """On page load: the job this workspace most wants to see (the running one, else the newest)."""
         try:
             owner = studio.workspace_of(workspace_id).id
-        except Exception:
+        except BlockStudioError:
             return (gr.Dropdown(choices=[], value=None),) + status_values(studio, None)
         record = studio.jobs.latest(owner)
         return (gr.Dropdown(choices=job_choices(studio, owner), value=record.id if record else None),
                 ) + status_values(studio, record)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    method.change(change_method, [method], [model, method, steps, rank, learning_rate, sample_every],
+    method.input(change_method, [method], [model, method, steps, rank, learning_rate, sample_every],
                   api_visibility="private", **cheap)
     # preprocess=False: the handlers check uploads themselves (see upload_path).
     gr.on([image.change, model.change], crop_preview, [image, model], [crop], api_name="crop_preview",
@@ -274,7 +283,7 @@ def build(studio: Studio) -> TrainTab:
                                  token], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
                 show_progress="hidden")
     job.input(show_job, [ws, job], outputs, api_visibility="private", **cheap)
-    timer.tick(show_job, [ws, job], outputs, api_name="job_status", **cheap)
+    timer.tick(poll_job, [ws, job, shown], outputs + [shown], api_name="job_status", **cheap)
     cancel.click(cancel_job, [ws, job], outputs, api_name="cancel", **cheap)
     resume.click(resume_job, [ws, job], outputs, api_name="resume", **cheap)
     discard.click(discard_job, [ws, job], [job] + outputs, api_name="discard", **cheap)
