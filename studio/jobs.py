@@ -10,6 +10,7 @@ off by a crash; they become `interrupted` and resume from their last checkpoint.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import re
@@ -230,7 +231,10 @@ class JobManager:
             raise JobError("preview interval must be 0 (off) or a number of steps")
         token = check_token(token.strip()) if token and token.strip() else None
         extras = chosen.extra_values(rank)
-        picture = load_image(image)
+        # The job trains from its own copy (the upload cache may be emptied before a resume); encoding it
+        # here keeps the lock, which every page's poll takes, free of image work.
+        buffer = io.BytesIO()
+        load_image(image).save(buffer, format="PNG")
         library = Library(workspace)
         with self._lock:
             mine = [r for r in self._records.values() if r.owner == owner and r.active]
@@ -250,11 +254,8 @@ class JobManager:
                           "sample_every": sample_every, "token": token, "sample_steps": sample_steps,
                           "extras": extras},
             )
-            folder = self._job_dir(record)
-            folder.mkdir(parents=True, exist_ok=True)
-            # The job trains from its own copy: the upload cache may be emptied before a resume.
-            with atomic_file(folder / "source.png") as tmp:
-                picture.save(tmp, format="PNG")
+            with atomic_file(self._job_dir(record) / "source.png") as tmp:
+                tmp.write_bytes(buffer.getvalue())
             self._records[record.id] = record
             self._queue.append(record.id)
             self._save(record)
