@@ -52,6 +52,11 @@ class PackageSummary:
         return f"{self.title} · {self.method} · {self.base_model} · {self.token}"
 
 
+def tokens_of(info: dict) -> str:
+    """The package's trigger tokens: SplitFlux trains a style token beside the content one, B-LoRA one for both."""
+    return " ".join(dict.fromkeys(t for t in (info.get("token"), info.get("style_token")) if t)) or "?"
+
+
 def shared_root() -> Path:
     return Path(os.environ.get("BLOCKSTUDIO_SHARED") or home_dir() / "shared")
 
@@ -114,8 +119,7 @@ class Library:
                 title=folder.name + (" (shared)" if shared else ""),
                 method=info.get("method", "?"),
                 base_model=info.get("base_model", "?"),
-                # SplitFlux trains a style token of its own beside the content token; B-LoRA has one for both.
-                token=" ".join(dict.fromkeys(t for t in (info.get("token"), info.get("style_token")) if t)) or "?",
+                token=tokens_of(info),
                 created=str(info.get("created", ""))[:19].replace("T", " "),
                 thumbnail=thumbnail,
                 shared=shared,

@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from studio.library import tokens_of
 from studio.methods import models_for
 from studio.ui.common import Studio, handler
 
@@ -77,7 +78,7 @@ def build(studio: Studio) -> LibraryTab:
         info = data["adapter"]
         size = sum(data["files"].values()) / 1e6
         facts = (f"**{name}** · {info.get('method', '?')} on `{info.get('base_model', '?')}`  \n"
-                 f"Token `{info.get('token', '?')}` · rank {info.get('rank', info.get('ranks', '?'))} · "
+                 f"Token `{tokens_of(info)}` · rank {info.get('rank', info.get('ranks', '?'))} · "
                  f"{info.get('steps', '–')} steps · {str(info.get('created', ''))[:16].replace('T', ' ')} · "
                  f"{size:.1f} MB")
         return facts, data, name.removeprefix("shared:")
