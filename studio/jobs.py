@@ -237,9 +237,7 @@ class JobManager:
         load_image(image).save(buffer, format="PNG")
         library = Library(workspace)
         with self._lock:
-            mine = [r for r in self._records.values() if r.owner == owner and r.active]
-            if len(mine) >= self.max_active_per_owner:
-                raise JobError(f"you already have {len(mine)} jobs queued or running; wait for one or cancel it")
+            self._check_room(owner)
             taken = {r.name for r in self._records.values() if r.owner == owner and r.status != "discarded"}
             if name and name.strip():
                 name = check_package_name(name.strip())
@@ -257,10 +255,21 @@ class JobManager:
             with atomic_file(self._job_dir(record) / "source.png") as tmp:
                 tmp.write_bytes(buffer.getvalue())
             self._records[record.id] = record
-            self._queue.append(record.id)
-            self._save(record)
-            self._wake.notify_all()
-            return copy.deepcopy(record)
+            return self._enqueue(record)
+
+    def _check_room(self, owner: str) -> None:
+        """One user may not fill the queue: a few active jobs each (the caller holds the lock)."""
+        mine = [r for r in self._records.values() if r.owner == owner and r.active]
+        if len(mine) >= self.max_active_per_owner:
+            raise JobError(f"you already have {len(mine)} jobs queued or running; wait for one or cancel it")
+
+    def _enqueue(self, record: JobRecord) -> JobRecord:
+        """Put a job at the end of the queue and wake the worker (the caller holds the lock)."""
+        record.status = "queued"
+        self._queue.append(record.id)
+        self._save(record)
+        self._wake.notify_all()
+        return copy.deepcopy(record)
 
     def cancel(self, owner: str, job_id: str) -> JobRecord:
         """Queued: taken out of the queue. Running: stops before its next step and keeps a checkpoint."""
@@ -285,16 +294,10 @@ class JobManager:
             record = self._find(owner, job_id)
             if not record.resumable:
                 raise JobError(f"this job is {record.status}; only cancelled, failed or interrupted jobs resume")
-            mine = [r for r in self._records.values() if r.owner == owner and r.active]
-            if len(mine) >= self.max_active_per_owner:
-                raise JobError(f"you already have {len(mine)} jobs queued or running; wait for one or cancel it")
-            record.status = "queued"
+            self._check_room(owner)
             record.error = None
             record.finished = None
-            self._queue.append(job_id)
-            self._save(record)
-            self._wake.notify_all()
-            return copy.deepcopy(record)
+            return self._enqueue(record)
 
     def discard(self, owner: str, job_id: str) -> None:
         """Forget a stopped job and delete its checkpoints (its name becomes free again)."""

@@ -16,31 +16,31 @@ def content_part(package) -> str:
     return "content_reembed" if package.has("content_reembed") else "content"
 
 
+def _column(studio: Studio, slot: str, title: str, templates: tuple[str, ...], example: str, gallery_label: str):
+    """One half of the tab: a package, its scale, prompts, a button and the results."""
+    placeholder = "[c]" if slot == "content" else "[s]"
+    gr.Markdown(f"### {title}\nThe {slot} adapter alone: `{placeholder}` stands for it.")
+    package = studio.package_picker(f"{slot.capitalize()} from", slot, elem_id=f"reembed-{slot}")
+    scale = gr.Slider(0, 2, value=1.0, step=0.05, label=f"{slot.capitalize()} scale")
+    chosen = gr.CheckboxGroup(list(templates), value=list(templates[:4]), label="Ready prompts")
+    free = gr.Textbox(label="Your prompts (one per line)", lines=2, placeholder=example)
+    button = gr.Button("Generate", variant="primary", elem_id=f"reembed-{slot}-go")
+    gallery = gr.Gallery(label=gallery_label, columns=4, height=300, object_fit="contain", fit_columns=False,
+                         buttons=["download", "fullscreen"], format="png")
+    return package, scale, chosen, free, button, gallery
+
+
 def build(studio: Studio) -> None:
     ws = studio.workspace
     with gr.Row(equal_height=False):
         with gr.Column():
-            gr.Markdown("### The subject in new scenes\nThe content adapter alone: `[c]` is your subject.")
-            content = studio.package_picker("Subject from", "content", elem_id="reembed-content")
-            content_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Content scale")
-            content_templates = gr.CheckboxGroup(list(CONTENT_TEMPLATES), value=list(CONTENT_TEMPLATES[:4]),
-                                                 label="Ready prompts")
-            content_free = gr.Textbox(label="Your prompts (one per line)", lines=2,
-                                      placeholder="A [c] riding a bicycle")
-            reembed = gr.Button("Generate", variant="primary", elem_id="reembed-go")
-            content_gallery = gr.Gallery(label="Subject in new prompts", columns=4, height=300, fit_columns=False,
-                                         object_fit="contain", buttons=["download", "fullscreen"], format="png")
+            content, content_scale, content_templates, content_free, reembed, content_gallery = _column(
+                studio, "content", "The subject in new scenes", CONTENT_TEMPLATES, "A [c] riding a bicycle",
+                "Subject in new prompts")
         with gr.Column():
-            gr.Markdown("### A style on any prompt\nThe style adapter alone: `[s]` is the style.")
-            style = studio.package_picker("Style from", "style", elem_id="reembed-style")
-            style_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Style scale")
-            style_templates = gr.CheckboxGroup(list(STYLE_TEMPLATES), value=list(STYLE_TEMPLATES[:4]),
-                                               label="Ready prompts")
-            style_free = gr.Textbox(label="Your prompts (one per line)", lines=2,
-                                    placeholder="A red bicycle in [s] style")
-            restyle = gr.Button("Generate", variant="primary", elem_id="restyle-go")
-            style_gallery = gr.Gallery(label="Style on new prompts", columns=4, height=300, object_fit="contain", fit_columns=False,
-                                       buttons=["download", "fullscreen"], format="png")
+            style, style_scale, style_templates, style_free, restyle, style_gallery = _column(
+                studio, "style", "A style on any prompt", STYLE_TEMPLATES, "A red bicycle in [s] style",
+                "Style on new prompts")
     with gr.Accordion("Generation settings", open=False):
         settings = settings_controls()
 
