@@ -73,3 +73,12 @@ def test_shared_packages_are_listed_but_read_only(tmp_path, cat_package):
     with pytest.raises(LibraryError, match="read-only"):
         library.rename("shared:cat", "mine")
     assert (shared / "cat" / "adapter.json").is_file()
+
+
+def test_the_browser_key_survives_a_restart_and_stays_private(tmp_path, monkeypatch):
+    from studio.app import browser_secret
+
+    monkeypatch.delenv("BLOCKSTUDIO_SECRET", raising=False)
+    first = browser_secret(tmp_path)
+    assert browser_secret(tmp_path) == first and len(first) >= 32
+    assert (tmp_path / "browser-secret").stat().st_mode & 0o077 == 0
