@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.images import to_pixels
-from pipelines.training import RunRequest, TrainConfig, weight_dtype_for
+from pipelines.training import CachedLatents, RunRequest, TrainConfig, weight_dtype_for
 
 CONTENT_BLOCK = "up_blocks.0.attentions.0"
 STYLE_BLOCK = "up_blocks.0.attentions.1"
@@ -106,16 +106,7 @@ class BLoRARecipe:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
 
-        # Encode the image once (fp32 VAE: SDXL's VAE overflows in fp16) and keep its latent distribution,
-        # so that every step still draws a fresh latent sample as the reference training does.
-        pipe.vae.to(device, dtype=torch.float32)
-        pixels = to_pixels(self.image).to(device)
-        with torch.no_grad():
-            dist = pipe.vae.encode(pixels).latent_dist
-        self.latent_mean = dist.mean.detach()
-        self.latent_std = dist.std.detach()
-        self.scaling_factor = pipe.vae.config.scaling_factor
-        self.shift_factor = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+        self.latents = CachedLatents(pipe.vae, to_pixels(self.image), device)
 
         # Embed the prompt once; the text encoders are frozen and not needed again during training.
         with torch.no_grad():
@@ -163,8 +154,7 @@ class BLoRARecipe:
 
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.device
-        sample = torch.randn(self.latent_mean.shape, generator=generator).to(device)
-        latents = (self.latent_mean + self.latent_std * sample - self.shift_factor) * self.scaling_factor
+        latents = self.latents.sample(generator)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         num_train = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_train, (latents.shape[0],), generator=generator).to(device)

@@ -67,7 +67,7 @@ from pipelines.adapters import (
 )
 from pipelines.errors import BlockStudioError
 from pipelines.images import to_pixels
-from pipelines.training import RunRequest, TrainConfig, weight_dtype_for
+from pipelines.training import CachedLatents, RunRequest, TrainConfig, weight_dtype_for
 
 NUM_SINGLE_BLOCKS = 38
 SINGLE_BLOCKS = "single_transformer_blocks"
@@ -432,15 +432,7 @@ class SplitFluxRecipe:
 
         # One image: encode it once (fp32 VAE) and keep its latent distribution, so every step still draws a
         # fresh latent sample as diffusers' Flux script does without --cache_latents.
-        vae_dtype = pipe.vae.dtype
-        pipe.vae.to(device, dtype=torch.float32)
-        with torch.no_grad():
-            dist = pipe.vae.encode(to_pixels(self.image).to(device)).latent_dist
-        pipe.vae.to(dtype=vae_dtype)  # FluxPipeline decodes latents of the pipeline's dtype with it
-        self.latent_mean = dist.mean.detach()
-        self.latent_std = dist.std.detach()
-        self.scaling_factor = pipe.vae.config.scaling_factor
-        self.shift_factor = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+        self.latents = CachedLatents(pipe.vae, to_pixels(self.image), device)
 
         # Both prompts embedded once; the text encoders are frozen and not needed again while training.
         with torch.no_grad():
@@ -471,7 +463,7 @@ class SplitFluxRecipe:
             transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
             transformer._blockstudio_fp8 = True
         self.weight_dtype = weight_dtype
-        latent_h, latent_w = self.latent_mean.shape[-2:]
+        latent_h, latent_w = self.latents.shape[-2:]
         self.img_ids = _latent_image_ids(latent_h // 2, latent_w // 2, device, weight_dtype)
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
 
@@ -488,8 +480,7 @@ class SplitFluxRecipe:
     def sample_latents(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(packed noisy latents, packed flow-matching target, timestep in [0, 1]) for one step."""
         device = self.device
-        sample = torch.randn(self.latent_mean.shape, generator=generator).to(device)
-        latents = (self.latent_mean + self.latent_std * sample - self.shift_factor) * self.scaling_factor
+        latents = self.latents.sample(generator)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         if self.settings.timestep_sampling == "logit_normal":
             u = torch.sigmoid(torch.randn((1,), generator=generator))

@@ -96,6 +96,34 @@ class RunRequest:
     keep_checkpoints: bool = False
 
 
+class CachedLatents:
+    """One image encoded once: its VAE latent distribution, from which every step draws a fresh sample.
+
+    Drawing per step keeps the reference scripts' augmentation (they encode and sample every step) at none
+    of the cost. The VAE encodes in fp32, since SDXL's overflows in fp16; its dtype is restored afterwards.
+    """
+
+    def __init__(self, vae: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> None:
+        dtype = vae.dtype
+        vae.to(device, dtype=torch.float32)
+        with torch.no_grad():
+            dist = vae.encode(pixels.to(device)).latent_dist
+        vae.to(dtype=dtype)
+        self.mean = dist.mean.detach()
+        self.std = dist.std.detach()
+        self.scaling_factor = vae.config.scaling_factor
+        self.shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mean.shape
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        """Scaled (and shifted) latents for one step; the noise comes from the run's CPU generator."""
+        noise = torch.randn(self.mean.shape, generator=generator).to(self.mean.device)
+        return (self.mean + self.std * noise - self.shift_factor) * self.scaling_factor
+
+
 @dataclass
 class ProgressEvent:
     step: int
