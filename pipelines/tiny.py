@@ -156,23 +156,34 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
     }
 
 
-def _write_tiny_sdxl(folder: Path, seed: int = 0) -> None:
-    from diffusers import StableDiffusionXLPipeline
+def _clip_tokenizer(folder: Path):
+    """The tiny CLIP tokenizer, written to a scratch folder inside `folder` and loaded back."""
     from transformers import CLIPTokenizer
 
     staging = folder / "_tokenizer"
     _write_clip_tokenizer(staging)
     tokenizer = CLIPTokenizer.from_pretrained(staging)
     shutil.rmtree(staging)
+    return tokenizer
+
+
+def _write_marker(folder: Path, name: str, version: int, seed: int, resolution: int) -> None:
+    """blockstudio.json: which tiny model, build version, seed and native resolution a folder holds."""
+    (folder / "blockstudio.json").write_text(
+        json.dumps({"name": name, "version": version, "seed": seed, "resolution": resolution}, indent=2)
+    )
+
+
+def _write_tiny_sdxl(folder: Path, seed: int = 0) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer = _clip_tokenizer(folder)
     pipe = StableDiffusionXLPipeline(
         tokenizer=tokenizer, tokenizer_2=tokenizer, force_zeros_for_empty_prompt=True, add_watermarker=False,
         **tiny_sdxl_components(seed),
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    (folder / "blockstudio.json").write_text(
-        json.dumps({"name": "tiny-sdxl", "version": TINY_SDXL_VERSION, "seed": seed,
-                    "resolution": TINY_SDXL_RESOLUTION}, indent=2)
-    )
+    _write_marker(folder, "tiny-sdxl", TINY_SDXL_VERSION, seed, TINY_SDXL_RESOLUTION)
 
 
 TINY_FLUX_VERSION = 1
@@ -274,20 +285,13 @@ def tiny_flux_components(seed: int = 0, t5_vocab_size: int | None = None) -> dic
 
 def _write_tiny_flux(folder: Path, seed: int = 0) -> None:
     from diffusers import FluxPipeline
-    from transformers import CLIPTokenizer
 
-    staging = folder / "_tokenizer"
-    _write_clip_tokenizer(staging)
-    tokenizer = CLIPTokenizer.from_pretrained(staging)
-    shutil.rmtree(staging)
+    tokenizer = _clip_tokenizer(folder)
     tokenizer_2 = _t5_tokenizer()
     pipe = FluxPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                         **tiny_flux_components(seed, t5_vocab_size=len(tokenizer_2)))
     pipe.save_pretrained(folder, safe_serialization=True)
-    (folder / "blockstudio.json").write_text(
-        json.dumps({"name": "tiny-flux", "version": TINY_FLUX_VERSION, "seed": seed,
-                    "resolution": TINY_FLUX_RESOLUTION}, indent=2)
-    )
+    _write_marker(folder, "tiny-flux", TINY_FLUX_VERSION, seed, TINY_FLUX_RESOLUTION)
 
 
 TINY_BUILDERS = {
