@@ -76,18 +76,22 @@ class ProgressPrinter:
 # -- commands -----------------------------------------------------------------------------------------
 
 
-def cmd_train_blora(args: argparse.Namespace) -> int:
-    from pipelines.blora import TrainRequest, prepare_request, train_blora
-
-    request = TrainRequest(
+def _run_request_fields(args: argparse.Namespace) -> dict:
+    """The `RunRequest` fields every `train` method shares, from the options `_add_training_options` adds."""
+    return dict(
         image=args.image, out=args.out, model=args.model, steps=args.steps, rank=args.rank,
         learning_rate=args.lr, resolution=args.resolution, token=args.token, seed=args.seed,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, samples=not args.no_samples,
-        sample_steps=args.sample_steps,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        use_8bit_adam=args.use_8bit_adam, resume=args.resume, restart=args.restart,
-        keep_checkpoints=args.keep_checkpoints,
+        sample_steps=args.sample_steps, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+        resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints,
     )
+
+
+def cmd_train_blora(args: argparse.Namespace) -> int:
+    from pipelines.blora import TrainRequest, prepare_request, train_blora
+
+    request = TrainRequest(**_run_request_fields(args))
     prepare_request(request)  # every input checked before the model loads
     return _run_training(lambda **kw: train_blora(request, **kw), args.out)
 
@@ -96,19 +100,13 @@ def cmd_train_splitflux(args: argparse.Namespace) -> int:
     from pipelines.splitflux import SplitFluxRequest, prepare_request, train_splitflux
 
     request = SplitFluxRequest(
-        image=args.image, out=args.out, model=args.model, steps=args.steps, rank=args.rank,
-        content_rank=args.content_rank, learning_rate=args.lr, resolution=args.resolution, token=args.token,
-        style_token=args.style_token, seed=args.seed, target_modules=args.target_modules,
+        **_run_request_fields(args),
+        content_rank=args.content_rank, style_token=args.style_token, target_modules=args.target_modules,
         content_blocks=args.content_blocks, boundary_blocks=args.boundary_blocks, style_blocks=args.style_blocks,
         rca_alpha=args.rca_alpha, complementary_weight=args.complementary_weight, text_gate=args.text_gate,
         gate_source=args.gate_source, style_text=args.style_text, export_gate=args.export_gate,
         guidance=args.training_guidance, max_sequence_length=args.max_sequence_length,
         timestep_sampling=args.timestep_sampling, quantize_base=args.quantize_base,
-        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-        samples=not args.no_samples, sample_steps=args.sample_steps,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        use_8bit_adam=args.use_8bit_adam, resume=args.resume, restart=args.restart,
-        keep_checkpoints=args.keep_checkpoints,
     )
     prepare_request(request)  # every input checked before the model loads
     return _run_training(lambda **kw: train_splitflux(request, **kw), args.out)
