@@ -89,15 +89,14 @@ def _run_request_fields(args: argparse.Namespace) -> dict:
 
 
 def cmd_train_blora(args: argparse.Namespace) -> int:
-    from pipelines.blora import TrainRequest, prepare_request, train_blora
+    from pipelines.blora import TrainRequest, train_blora
 
     request = TrainRequest(**_run_request_fields(args))
-    prepare_request(request)  # every input checked before the model loads
     return _run_training(lambda **kw: train_blora(request, **kw), args.out)
 
 
 def cmd_train_splitflux(args: argparse.Namespace) -> int:
-    from pipelines.splitflux import SplitFluxRequest, prepare_request, train_splitflux
+    from pipelines.splitflux import SplitFluxRequest, train_splitflux
 
     request = SplitFluxRequest(
         **_run_request_fields(args),
@@ -108,7 +107,6 @@ def cmd_train_splitflux(args: argparse.Namespace) -> int:
         guidance=args.training_guidance, max_sequence_length=args.max_sequence_length,
         timestep_sampling=args.timestep_sampling, quantize_base=args.quantize_base,
     )
-    prepare_request(request)  # every input checked before the model loads
     return _run_training(lambda **kw: train_splitflux(request, **kw), args.out)
 
 
