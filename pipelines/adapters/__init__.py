@@ -1,10 +1,42 @@
-"""Adapter methods as modules over a frozen `nn.Linear`, one file per method (LoRA, rank-constrained, visual-gated).
+"""Adapter methods on any PyTorch model, with the same verbs for every method, and their registry.
 
-Every layer offers the same verbs: `forward`, `merge`, `unmerge`, `get_delta_weight`, `export_lora` (standard LoRA
-factors with every scale folded into `lora_B`), and `adapter_state_dict` / `load_adapter_state_dict` for checkpoints.
+    from pipelines.adapters import add_adapter, save_adapter, load_adapter, METHODS, LoRAConfig
+    add_adapter(model, LoRAConfig(rank=8, target_modules=["q_proj", "v_proj"]), name="task")
+
+Verbs: `add_adapter`, `set_active`, `disabled`, `merge` / `unmerge`, `adapter_state_dict` /
+`load_adapter_state_dict`, `save_adapter` / `load_adapter`, `remove_adapter`; `METHODS` maps each method's name
+to its config class, title, paper and the property its lab demo shows. Each method lives in one module of
+this package (config, layer, and the method's own losses or steps beside them) and registers itself there.
+
+The studio's own training layers are here too: LoRA, the rank-constrained and the visual-gated layers of
+SplitFlux. Their layers offer `export_lora` (standard LoRA factors with every scale folded into `lora_B`).
 """
 
 from pipelines.adapters.base import AdapterLayer, adapter_layers, inject_adapters, remove_adapters
+from pipelines.adapters.core import (
+    METHODS,
+    AdapterConfig,
+    AdapterError,
+    MethodInfo,
+    active_adapters,
+    adapter_config,
+    adapter_names,
+    adapter_state_dict,
+    add_adapter,
+    count_parameters,
+    disabled,
+    layers_of,
+    load_adapter,
+    load_adapter_state_dict,
+    merge,
+    read_adapter_config,
+    register_method,
+    remove_adapter,
+    save_adapter,
+    set_active,
+    trainable_parameters,
+    unmerge,
+)
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
 from pipelines.adapters.visual_gated import (
@@ -15,16 +47,38 @@ from pipelines.adapters.visual_gated import (
 )
 
 __all__ = [
+    "METHODS",
+    "AdapterConfig",
+    "AdapterError",
     "AdapterLayer",
     "LoRAConfig",
     "LoRALinear",
+    "MethodInfo",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
     "VisualGatedConfig",
     "VisualGatedLoRALinear",
+    "active_adapters",
+    "adapter_config",
     "adapter_layers",
+    "adapter_names",
+    "adapter_state_dict",
+    "add_adapter",
     "complementary_loss",
+    "count_parameters",
+    "disabled",
     "inject_adapters",
+    "layers_of",
+    "load_adapter",
+    "load_adapter_state_dict",
+    "merge",
+    "read_adapter_config",
+    "register_method",
+    "remove_adapter",
     "remove_adapters",
+    "save_adapter",
+    "set_active",
+    "trainable_parameters",
+    "unmerge",
     "visual_gate",
 ]

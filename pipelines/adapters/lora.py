@@ -1,26 +1,35 @@
-"""Plain LoRA over a frozen Linear: `y = W x + scale * B A x`, the style blocks' adapter in SplitFlux."""
+"""Plain LoRA over a frozen Linear: `y = W x + scale * B A x`, the style blocks' adapter in SplitFlux.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022). `A` starts Gaussian with std
+1/rank (PEFT's `init_lora_weights="gaussian"`) and `B` at zero, so a new adapter changes nothing.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipelines.adapters.base import AdapterLayer
+from pipelines.adapters.core import AdapterConfig, AdapterError, register_method
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(AdapterConfig):
     """rank of the update and the factor it is multiplied by (diffusers' `lora_alpha / r`)."""
 
-    rank: int = 64
-    scale: float = 1.0
+    method = "lora"
 
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, not {self.rank}")
+    rank: int = field(default=64, metadata={"help": "rank r of the update B A"})
+    scale: float = field(default=1.0, metadata={"help": "the update's factor (lora_alpha / r in PEFT)"})
+
+    def validate(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise AdapterError(f"LoRA rank must be at least 1, not {self.rank}")
+        if not torch.isfinite(torch.tensor(float(self.scale))):
+            raise AdapterError(f"LoRA scale must be a finite number, not {self.scale}")
 
 
 def init_down(weight: torch.Tensor) -> None:
@@ -29,15 +38,15 @@ def init_down(weight: torch.Tensor) -> None:
 
 
 class LoRALinear(AdapterLayer):
-    def __init__(self, base_layer: nn.Module, config: LoRAConfig | None = None) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig | None = None, adapter_name: str = "default") -> None:
+        super().__init__(base_layer, adapter_name)
         self.config = config = config or LoRAConfig()
         self.rank = config.rank
         self.scale = float(config.scale)
         # Initialised on the CPU in fp32 (the same factors whatever the device), then moved beside the base.
         down = torch.empty(config.rank, self.in_features)
         init_down(down)
-        device = base_layer.weight.device
+        device = self.original_module().weight.device
         self.lora_A = nn.Parameter(down.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, device=device))
 
@@ -49,3 +58,12 @@ class LoRALinear(AdapterLayer):
 
     def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A.detach().float().clone(), (self.scale * self.lora_B.detach().float()).contiguous()
+
+
+LoRAConfig.layer_cls = LoRALinear
+
+register_method(
+    "lora", LoRAConfig, title="LoRA", studio=True,
+    paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 (arXiv 2106.09685)",
+    property="a rank-r update B A beside each frozen weight, mergeable into it",
+)

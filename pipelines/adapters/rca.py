@@ -7,25 +7,28 @@ alpha gives back the magnitude. Exported factors carry alpha inside `lora_B`, so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from pipelines.adapters.core import AdapterConfig, AdapterError, register_method
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
 
 
 @dataclass
-class RankConstrainedConfig:
+class RankConstrainedConfig(AdapterConfig):
     """`rank` is the unconstrained rank r (64 in SplitFlux); `alpha` divides it and scales the update (2)."""
 
-    rank: int = 64
-    alpha: int = 2
+    method = "rank-constrained"
 
-    def __post_init__(self) -> None:
+    rank: int = field(default=64, metadata={"help": "the unconstrained rank r"})
+    alpha: int = field(default=2, metadata={"help": "divides the rank and multiplies the update"})
+
+    def validate(self) -> None:
         if self.alpha < 1:
-            raise ValueError(f"rank-constrained alpha must be at least 1, not {self.alpha}")
+            raise AdapterError(f"rank-constrained alpha must be at least 1, not {self.alpha}")
         if self.rank % self.alpha or self.rank // self.alpha < 1:
-            raise ValueError(f"rank {self.rank} is not divisible by alpha {self.alpha}")
+            raise AdapterError(f"rank {self.rank} is not divisible by alpha {self.alpha}")
 
     @property
     def effective_rank(self) -> int:
@@ -33,8 +36,18 @@ class RankConstrainedConfig:
 
 
 class RankConstrainedLinear(LoRALinear):
-    def __init__(self, base_layer: nn.Module, config: RankConstrainedConfig | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, config: RankConstrainedConfig | None = None,
+                 adapter_name: str = "default") -> None:
         config = config or RankConstrainedConfig()
-        super().__init__(base_layer, LoRAConfig(rank=config.effective_rank, scale=float(config.alpha)))
+        super().__init__(base_layer, LoRAConfig(rank=config.effective_rank, scale=float(config.alpha)), adapter_name)
         self.rca_config = config
         self.alpha = config.alpha
+
+
+RankConstrainedConfig.layer_cls = RankConstrainedLinear
+
+register_method(
+    "rank-constrained", RankConstrainedConfig, title="Rank-constrained adaptation (SplitFlux)", studio=True,
+    paper="Yang et al., SplitFlux: Learning to Decouple Content and Style from a Single Image, CVPR 2026",
+    property="rank r/alpha with the update scaled by alpha: a narrower subspace at the same magnitude",
+)

@@ -22,28 +22,31 @@ Choices where the method leaves details open (each is a setting):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.adapters.base import AdapterLayer
+from pipelines.adapters.base import _MERGE_ORDER, AdapterLayer
+from pipelines.adapters.core import AdapterConfig, AdapterError, register_method
 from pipelines.adapters.lora import init_down
 
 
 @dataclass
-class VisualGatedConfig:
-    content_rank: int = 48
-    residual_rank: int = 16
-    text_gate: float = 1.0  # the gate of text tokens (see the module docstring)
-    eps: float = 1e-6  # added to sigma so that identical norms give g = 0.5 instead of NaN
+class VisualGatedConfig(AdapterConfig):
+    method = "visual-gated"
 
-    def __post_init__(self) -> None:
+    content_rank: int = field(default=48, metadata={"help": "rank of the content branch (salient tokens)"})
+    residual_rank: int = field(default=16, metadata={"help": "rank of the residual branch (the rest)"})
+    text_gate: float = field(default=1.0, metadata={"help": "the gate of text tokens (see the module docstring)"})
+    eps: float = field(default=1e-6, metadata={"help": "added to sigma: identical norms give g = 0.5, not NaN"})
+
+    def validate(self) -> None:
         if self.content_rank < 1 or self.residual_rank < 1:
-            raise ValueError(f"both branch ranks must be at least 1, not {self.content_rank}/{self.residual_rank}")
+            raise AdapterError(f"both branch ranks must be at least 1, not {self.content_rank}/{self.residual_rank}")
         if not 0.0 <= self.text_gate <= 1.0:
-            raise ValueError(f"text gate must lie in [0, 1], not {self.text_gate}")
+            raise AdapterError(f"text gate must lie in [0, 1], not {self.text_gate}")
 
 
 def visual_gate(image_features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -68,11 +71,12 @@ def complementary_loss(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: tor
 
 
 class VisualGatedLoRALinear(AdapterLayer):
-    def __init__(self, base_layer: nn.Module, config: VisualGatedConfig | None = None) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, config: VisualGatedConfig | None = None,
+                 adapter_name: str = "default") -> None:
+        super().__init__(base_layer, adapter_name)
         self.config = config = config or VisualGatedConfig()
         # Initialised on the CPU in fp32 (the same factors whatever the device), then moved beside the base.
-        device = base_layer.weight.device
+        device = self.original_module().weight.device
         content_down = torch.empty(config.content_rank, self.in_features)
         residual_down = torch.empty(config.residual_rank, self.in_features)
         init_down(content_down)
@@ -143,10 +147,11 @@ class VisualGatedLoRALinear(AdapterLayer):
         """Merge both branches at fixed weights (see `branch_weights`); exact unmerge restores the base."""
         if self.merged:
             return
-        weight = self.base_layer.weight
+        weight = self._weight_module().weight
         self._weight_before_merge = weight.data.clone()
         weight.data = (weight.data.float() + self.get_delta_weight(export_gate).to(weight.device)).to(weight.dtype)
         self.merged = True
+        self.merge_order = next(_MERGE_ORDER)
 
     def export_lora(self, export_gate: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Both branches as one LoRA of rank content + residual: A stacked, B side by side with the weights."""
@@ -162,3 +167,12 @@ class VisualGatedLoRALinear(AdapterLayer):
     def complementary_loss(self) -> torch.Tensor:
         return complementary_loss(self.lora_A_content, self.lora_B_content, self.lora_A_residual,
                                   self.lora_B_residual)
+
+
+VisualGatedConfig.layer_cls = VisualGatedLoRALinear
+
+register_method(
+    "visual-gated", VisualGatedConfig, title="Visual-gated LoRA (SplitFlux)", studio=True, mergeable=False,
+    paper="Yang et al., SplitFlux: Learning to Decouple Content and Style from a Single Image, CVPR 2026",
+    property="two LoRA branches mixed per token by a saliency gate, so the update depends on the input",
+)
