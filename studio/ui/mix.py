@@ -39,7 +39,7 @@ def settings_controls() -> list[gr.components.Component]:
 
 def make_settings(seed, steps, guidance, width, height, negative) -> GenerationSettings:
     """The settings controls' values as `GenerationSettings` (checked when used)."""
-    return GenerationSettings(seed=int(seed or 0), steps=steps or None, guidance=guidance,
+    return GenerationSettings(seed=0 if seed is None else seed, steps=steps or None, guidance=guidance,
                               width=width or None, height=height or None, negative_prompt=negative or None)
 
 
