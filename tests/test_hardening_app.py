@@ -127,12 +127,17 @@ def test_numbers_that_are_not_settings_are_refused_and_nothing_is_queued(studio_
     assert studio_server.studio.jobs.jobs(workspace) == []
 
 
-def test_a_nan_scale_is_refused_before_generating(trained, studio_server):
+@pytest.mark.parametrize(("scale", "seed", "steps", "word"), [
+    ("NaN", "0", "2", "content scale"),
+    ("1.0", "NaN", "2", "seed"),
+    ("1.0", "0", "Infinity", "steps"),
+])
+def test_mixing_refuses_numbers_that_are_not_settings(trained, studio_server, scale, seed, steps, word):
     _, workspace = trained
-    body = (f'{{"data": ["{workspace}", "cat", NaN, "coffee", 1.0, "A [c] in [s] style", false, 0, 2, null, '
-            'null, null, ""]}')
+    body = (f'{{"data": ["{workspace}", "cat", {scale}, "coffee", 1.0, "A [c] in [s] style", false, {seed}, '
+            f'{steps}, null, null, null, ""]}}')
     event, data = raw_call(studio_server, "mix", body)
-    assert event == "error" and data["error"] and "scale" in data["error"], data
+    assert event == "error" and data["error"] and word in data["error"], data
 
 
 def test_the_job_record_the_page_shows_has_no_owner(trained, studio_server):

@@ -13,8 +13,10 @@ from studio.mixing import GenerationSettings, parameters, parse_scales, recent_o
 from studio.ui.common import Studio, handler
 
 # Every generating event shares one queue served one request at a time: the warm pipeline's adapter slots
-# are shared state, and Gradio shows each waiting page its place in the line.
-GENERATE = dict(concurrency_id="generate", concurrency_limit=1)
+# are shared state, and Gradio shows each waiting page its place in the line. Their values reach the handlers
+# raw (preprocess=False) and are checked there (`GenerationSettings.checked`, `AdapterChoice`), so a bad number
+# gets a line naming its field rather than Gradio's unnamed bounds error or, for NaN, no message at all.
+GENERATE = dict(concurrency_id="generate", concurrency_limit=1, preprocess=False)
 
 
 @dataclass
