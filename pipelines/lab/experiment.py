@@ -143,12 +143,16 @@ class LabSettings:
                 for f in dataclasses.fields(self)}
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
 def _describe_range(spec: SettingField) -> str:
     if spec.minimum is not None and spec.maximum is not None:
-        return f"between {spec.minimum:g} and {spec.maximum:g}"
+        return f"between {_number(spec.minimum)} and {_number(spec.maximum)}"
     if spec.minimum is not None:
-        return f"at least {spec.minimum:g}"
-    return f"at most {spec.maximum:g}"
+        return f"at least {_number(spec.minimum)}"
+    return f"at most {_number(spec.maximum)}"
 
 
 def _check_number(spec: SettingField, value: Any, kind: type, what: str) -> None:
