@@ -234,7 +234,9 @@ def build(studio: Studio, experiment, tab: gr.Tab | None = None) -> LabPanel:
             images = []
             for start in range(0, MAX_FIGURES, 2):
                 with gr.Row():
-                    images += [gr.Image(visible=False, interactive=False, type="filepath", buttons=["fullscreen"])
+                    # No label badge: it would cover the figure's own title.
+                    images += [gr.Image(visible=False, interactive=False, type="filepath", show_label=False,
+                                        buttons=["fullscreen", "download"])
                                for _ in range(start, min(start + 2, MAX_FIGURES))]
             tables = [gr.Dataframe(visible=False, interactive=False, wrap=True) for _ in range(MAX_TABLES)]
             with gr.Accordion("Job record", open=False):
