@@ -90,3 +90,26 @@ def test_the_generic_form_picks_a_control_per_setting_type():
     assert controls["ranks"].multiselect and controls["scales"].value == "0.5, 1.0"
     assert controls["steps"].label == "Steps" and controls["steps"].info == "steps"
     assert settings_of(Form, tuple(range(9)))["model_id"] == 8
+
+
+def test_a_panel_whose_method_is_unavailable_says_why_and_cannot_run(tmp_path, monkeypatch):
+    import dataclasses
+
+    import gradio as gr
+
+    from pipelines.adapters import METHODS
+    from pipelines.lab import EXPERIMENTS
+    from studio.ui.common import Studio
+    from studio.ui.lab import _panel
+    from studio.ui.lab.overview import method_status
+
+    monkeypatch.setitem(METHODS, "lora", dataclasses.replace(METHODS["lora"], requires=("no_such_package_here",)))
+    assert method_status("lora") == ("unavailable: LoRA needs the no_such_package_here package "
+                                     "(pip install no_such_package_here)")
+    with gr.Blocks():
+        studio = Studio(home=tmp_path, jobs=None, generation=None, gpu=False, default_models={},
+                        workspace=gr.BrowserState(None))
+        panel = _panel.build(studio, EXPERIMENTS["lora"])
+        notes = [b.value for b in gr.context.Context.root_block.blocks.values() if type(b).__name__ == "Markdown"]
+    assert panel.run.interactive is False
+    assert any("Unavailable here:** LoRA needs the no_such_package_here package" in str(n) for n in notes)
