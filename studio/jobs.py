@@ -128,17 +128,19 @@ def one_line(exc: BaseException) -> str:
     return text[:300]
 
 
-def failure_message(exc: BaseException) -> str:
-    """What a failed job's record says: the error's own line for a user's mistake, else what happened and what to do."""
+def failure_message(exc: BaseException, what: str = "training") -> str:
+    """What a failed job's record says: the error's own line for a user's mistake, else what happened and what to do.
+
+    `what` names the work that stopped ("training", "the experiment")."""
     if isinstance(exc, BlockStudioError):
         return one_line(exc)
     if is_disk_full(exc):
-        return ("the server's disk is full, so training stopped; free some space (or ask the admin to), then "
+        return (f"the server's disk is full, so {what} stopped; free some space (or ask the admin to), then "
                 "resume: it continues from its last checkpoint")
     explained = explain(exc)
     if explained:
         return explained
-    return f"training failed ({type(exc).__name__}: {one_line(exc)}); the details are in the server log"
+    return f"{what} failed ({type(exc).__name__}: {one_line(exc)}); the details are in the server log"
 
 
 class JobManager:
@@ -501,7 +503,7 @@ class JobManager:
         except Exception as exc:  # the page gets one line; the log gets the traceback of anything unexpected
             if not isinstance(exc, BlockStudioError) and explain(exc) is None:
                 log.exception("%s job %s failed", record.kind, record.id)
-            return "failed", failure_message(exc), None
+            return "failed", failure_message(exc, "the experiment" if record.kind == "lab" else "training"), None
 
     def _finish(self, record: JobRecord, outcome: str, error: str | None, damaged: CorruptCheckpoint | None) -> None:
         """Write a job's end into its record (the caller holds the lock)."""

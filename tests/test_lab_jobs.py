@@ -34,7 +34,7 @@ def _wait_for(predicate, timeout: float = 20.0) -> None:
 
 def test_a_lab_job_reports_progress_and_saves_its_result_in_the_job_folder(lab, tmp_path):
     jobs, fake = lab
-    owner = new_workspace_id()
+    owner = new_workspace_id(jobs.home)
     record = jobs.submit_lab(owner, "lora", {"steps": "4", "wait": True})
     assert (record.kind, record.status, record.settings["steps"]) == ("lab", "queued", 4)
     _wait_for(fake.started.is_set)
@@ -60,7 +60,7 @@ def test_a_lab_job_reports_progress_and_saves_its_result_in_the_job_folder(lab, 
 
 def test_cancel_stops_a_lab_run_at_its_next_progress_report(lab):
     jobs, fake = lab
-    owner = new_workspace_id()
+    owner = new_workspace_id(jobs.home)
     record = jobs.submit_lab(owner, "lora", {"wait": True})
     _wait_for(fake.started.is_set)
     assert jobs.cancel(owner, record.id).status == "cancelling"
@@ -74,18 +74,19 @@ def test_cancel_stops_a_lab_run_at_its_next_progress_report(lab):
 
 def test_a_failing_experiment_fails_its_job_with_one_line_and_the_worker_goes_on(lab):
     jobs, fake = lab
-    owner = new_workspace_id()
+    owner = new_workspace_id(jobs.home)
     broken = jobs.submit_lab(owner, "lora", {"fail": True})
     after = jobs.submit_lab(owner, "lora", {"steps": 2})
     failed = jobs.wait(owner, broken.id, timeout=10)
     assert failed.status == "failed"
-    assert failed.error == "RuntimeError: the experiment broke on purpose"
+    assert failed.error == ("the experiment failed (RuntimeError: the experiment broke on purpose); the details are "
+                            "in the server log")
     assert jobs.wait(owner, after.id, timeout=10).status == "done"
 
 
 def test_bad_settings_are_refused_before_anything_is_queued(lab):
     jobs, _ = lab
-    owner = new_workspace_id()
+    owner = new_workspace_id(jobs.home)
     with pytest.raises(LabSettingsError, match="steps must be between 1 and 100, not 1000"):
         jobs.submit_lab(owner, "lora", {"steps": 1000})
     with pytest.raises(LabSettingsError, match="unknown setting 'rank'"):
@@ -99,7 +100,7 @@ def test_bad_settings_are_refused_before_anything_is_queued(lab):
 
 def test_lab_jobs_share_the_per_user_limit_and_stay_out_of_the_training_list(lab, monkeypatch):
     jobs, fake = lab
-    owner = new_workspace_id()
+    owner = new_workspace_id(jobs.home)
     for _ in range(jobs.max_active_per_owner):
         jobs.submit_lab(owner, "lora", {"wait": True})
     with pytest.raises(JobError, match="already have 3 jobs"):
@@ -112,7 +113,7 @@ def test_lab_jobs_share_the_per_user_limit_and_stay_out_of_the_training_list(lab
 def test_a_lab_job_cut_off_by_a_restart_is_interrupted_and_can_run_again(tmp_path, monkeypatch):
     fake = lab_fakes.install(monkeypatch)
     before = JobManager(tmp_path)
-    owner = new_workspace_id()
+    owner = new_workspace_id(tmp_path)
     record = before.submit_lab(owner, "lora", {"wait": True})
     _wait_for(fake.started.is_set)
     after = JobManager(tmp_path, start=False)
