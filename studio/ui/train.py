@@ -221,8 +221,10 @@ def build(studio: Studio) -> TrainTab:
         updates = (gr.Dropdown(choices=model_choices(studio, chosen.arch), value=spec.name, info=model_info(spec.name)),
                    gr.Radio(info=chosen.blurb), values["steps"], values["rank"], values["learning_rate"],
                    values["sample_every"], gr.Textbox(placeholder=chosen.token_hint))
+        if studio.banner is None:
+            return updates
         notice = banner(studio.gpu, spec.name)
-        return updates + ((gr.Markdown(notice[1]),) if studio.banner is not None and notice else ())
+        return updates + (gr.Markdown(notice[1]) if notice else gr.skip(),)
 
     @handler
     def crop_preview(upload, model_name: str | None):
