@@ -62,14 +62,14 @@ def test_upload_train_mix_and_download_in_the_browser(page, tmp_path, monkeypatc
     assert "tiny-sdxl" in page.inner_text("#bs-banner")
     # The banner and the token hint follow the chosen method.
     page.get_by_text("SplitFlux · Flux").click()
-    page.wait_for_function("document.querySelector('#bs-banner').innerText.includes('tiny-flux')")
+    page.wait_for_function("document.querySelector('#bs-banner')?.innerText.includes('tiny-flux')")
     page.get_by_text("Training settings").click()
     token = page.locator("#train-token textarea, #train-token input").first
     page.wait_for_function("document.querySelector('#train-token input, #train-token textarea')"
-                           ".placeholder.includes('[c42]')")
+                           "?.placeholder.includes('[c42]')")
     shot(page, "01-train-splitflux")
     page.get_by_text("B-LoRA · SDXL").click()
-    page.wait_for_function("document.querySelector('#bs-banner').innerText.includes('tiny-sdxl')")
+    page.wait_for_function("document.querySelector('#bs-banner')?.innerText.includes('tiny-sdxl')")
     assert "[v42]" in token.get_attribute("placeholder")
     shot(page, "01-train-empty")
 
@@ -90,7 +90,7 @@ def test_upload_train_mix_and_download_in_the_browser(page, tmp_path, monkeypatc
     shot(page, "04-library")
 
     page.get_by_role("tab", name="Mix").click()
-    page.wait_for_function("document.querySelector('#mix-content input').value.startsWith('cat')")
+    page.wait_for_function("document.querySelector('#mix-content input')?.value.startsWith('cat')")
     # Opening the settings shows the boxes left blank; Generate then uses the model's defaults.
     page.get_by_text("Generation settings").first.click()
     page.locator("#tab-mix").get_by_label("Steps", exact=True).wait_for()
@@ -102,7 +102,7 @@ def test_upload_train_mix_and_download_in_the_browser(page, tmp_path, monkeypatc
     shot(page, "05-mix")
 
     page.get_by_role("tab", name="Re-embed").click()
-    page.wait_for_function("document.querySelector('#reembed-content input').value.startsWith('cat')")
+    page.wait_for_function("document.querySelector('#reembed-content input')?.value.startsWith('cat')")
     page.locator("#tab-reembed").get_by_text("Generation settings").click()
     page.click("#reembed-content-go")
     page.wait_for_selector("#reembed-content-gallery img", timeout=TIMEOUT_MS)
@@ -110,7 +110,7 @@ def test_upload_train_mix_and_download_in_the_browser(page, tmp_path, monkeypatc
     shot(page, "06-reembed")
 
     page.get_by_role("tab", name="Share").click()
-    page.wait_for_function("document.querySelector('#share-package input').value.startsWith('cat')")
+    page.wait_for_function("document.querySelector('#share-package input')?.value.startsWith('cat')")
     page.click("#share-prepare")
     page.wait_for_selector("#share-download", state="visible")
     with page.expect_download() as download:
@@ -126,7 +126,7 @@ def test_upload_train_mix_and_download_in_the_browser(page, tmp_path, monkeypatc
     page.get_by_label("Write token").fill(HUB_TOKEN[:-4] + "nope")
     page.click("#share-push")
     page.locator(".toast-body").filter(has_text="401").first.wait_for()
-    page.wait_for_function("document.querySelector('#share-token input, #share-token textarea').value === ''")
+    page.wait_for_function("document.querySelector('#share-token input, #share-token textarea')?.value === ''")
     shot(page, "07-share")
 
     page.reload()  # the workspace and the job come back from the browser's storage and the job record
