@@ -260,3 +260,13 @@ def test_a_tiny_model_card_names_no_hub_base_model():
         assert "base_model:" not in card.split("---")[1] and f'model_path("{base}")' in card
     card = render_model_card({"method": "b-lora", "base_model": "sdxl", "arch": "sdxl", "name": "cat"})
     assert 'base_model: "stabilityai/stable-diffusion-xl-base-1.0"' in card.split("---")[1]
+
+
+def test_results_made_within_one_second_list_newest_first(tmp_path):
+    from studio.mixing import recent_outputs, save_output
+    from studio.workspace import Workspace
+
+    workspace = Workspace(new_workspace_id(), tmp_path)
+    for n in range(6):
+        save_output(workspace, Image.new("RGB", (8, 8)), {"prompt": f"p{n}", "seed": n})
+    assert [caption for _, caption in recent_outputs(workspace)] == [f"p{n} · seed {n}" for n in reversed(range(6))]
