@@ -450,6 +450,14 @@ class JobManager:
                 self._library(record).release(record.name, self._holder(record))
             self._save_or_log(record)
 
+    def package_renamed(self, owner: str, old: str, new: str) -> None:
+        """A finished job's record follows its package to its new name (the job list, its samples)."""
+        with self._lock:
+            for record in self._records.values():
+                if record.owner == owner and record.status == "done" and record.name == old:
+                    record.name = new
+                    self._save(record)
+
     def close(self, timeout: float = 60.0) -> None:
         """Stop the worker; a running job is checkpointed and left `interrupted`, to resume after a restart."""
         with self._lock:

@@ -27,6 +27,8 @@ class Method:
     blurb: str
     # Request values the studio does not ask for but derives from the rank (rank, recipe defaults) -> values.
     extras: Callable[[int, dict], dict] | None = None
+    # What the Train form's token box shows while empty: the tokens this method makes by itself.
+    token_hint: str = "automatic"
 
     @property
     def available(self) -> bool:
@@ -71,11 +73,12 @@ METHODS: dict[str, Method] = {
     m.key: m
     for m in (
         Method("b-lora", "B-LoRA · SDXL", "sdxl", "pipelines.blora", "TrainRequest", "train_blora",
-               "Content and style LoRA on two attention blocks of SDXL's first up-block (Frenkel et al., 2024)."),
+               "Content and style LoRA on two attention blocks of SDXL's first up-block (Frenkel et al., 2024).",
+               token_hint="automatic, e.g. [v42]"),
         Method("splitflux", "SplitFlux · Flux", "flux", "pipelines.splitflux", "SplitFluxRequest",
                "train_splitflux",
                "Content and style from Flux's single-stream blocks, with a re-embedding content part.",
-               extras=_splitflux_extras),
+               extras=_splitflux_extras, token_hint="content token, automatic, e.g. [c42] (style token [s42])"),
     )
 }
 
