@@ -159,6 +159,8 @@ def test_a_result_saves_and_loads_back(tmp_path):
                                        for r in (1, 2, 4)]}
     assert loaded.settings == {"ranks": [1, 2, 4], "seed": 0}
     assert loaded.figure_paths == {"accuracy": folder / "accuracy.png"}
+    paths_only = LabResult.load(folder, figures=False)
+    assert paths_only.figures == {} and paths_only.figure_paths == loaded.figure_paths
     # The loaded figure shows the saved picture at its own size: saving it again gives the same pixels.
     from matplotlib.image import imread
 

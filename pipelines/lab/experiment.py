@@ -103,6 +103,9 @@ def _kind_of(hint: Any, name: str, owner: type) -> tuple[type, type | None]:
 class LabSettings:
     """The base of every experiment's settings: a seed, and a Hub model to use instead of the built-in one.
 
+    Settings are checked when made (`__post_init__` calls `validate`); a subclass that checks more overrides
+    `validate` and calls `super().validate()` first.
+
     Metadata keys of a field: `help` (a sentence), `label` (a short UI label), `min` / `max` (numbers, and every
     element of a tuple), `choices` (the allowed values, or allowed elements of a tuple), `widget` ("slider" or
     "number", optional). The defaults are the panel's full demo; `quick()` gives settings that run in seconds.
@@ -371,7 +374,8 @@ class LabResult:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> LabResult:
+    def load(cls, folder: str | Path, *, figures: bool = True) -> LabResult:
+        """Read a saved result; with `figures=False` only `figure_paths` is filled (no Figure is made)."""
         folder = Path(folder)
         path = folder / RESULT_FILE
         if not path.is_file() or path.is_symlink():
@@ -408,7 +412,8 @@ class LabResult:
         except (TypeError, ValueError):
             raise LabError(f"{path} holds a metric that is not a number") from None
         return cls(method=data["method"], summary=data["summary"], metrics=metrics, tables=tables,
-                   figures={name: _figure_of_png(p) for name, p in paths.items()}, settings=data["settings"],
+                   figures={name: _figure_of_png(p) for name, p in paths.items()} if figures else {},
+                   settings=data["settings"],
                    figure_paths=paths)
 
 
