@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.lab import LabSettingsError, run_experiment, settings_from_dict
+from pipelines.lab import LabResult, LabSettingsError, run_experiment, settings_from_dict
 from pipelines.lab.data import digits
 from pipelines.lab.experiments.dv_lora import DVLoRASettings, endoscope_view
 
@@ -27,6 +27,13 @@ def test_the_shift_hurts_and_both_phases_recover_accuracy(result):
     assert result.metrics["phase2_accuracy"] > result.metrics["unadapted_accuracy"]
     assert result.metrics["merge_max_difference"] < 1e-4
     assert {"examples", "accuracy_during_training", "trainable_parameters", "target_accuracy"} <= set(result.figures)
+
+
+def test_the_result_with_its_image_grid_saves_and_loads(result, tmp_path):
+    result.save(tmp_path / "dv")
+    loaded = LabResult.load(tmp_path / "dv")
+    assert loaded.metrics == result.metrics and set(loaded.figures) == set(result.figures)
+    assert (tmp_path / "dv" / "examples.png").stat().st_size > 1000
 
 
 def test_the_endoscope_view_tints_darkens_the_corners_and_adds_a_spot():
