@@ -12,30 +12,7 @@ from gradio_client.exceptions import AppError
 from pipelines.adapters import METHODS
 from pipelines.lab import EXPERIMENTS
 from studio.ui.lab._panel import ordered_fields
-
-
-def form_values(settings) -> list:
-    """The panel's inputs for `settings`, in the form's order, as the page would send them."""
-    return [list(v) if isinstance(v := getattr(settings, spec.name), tuple) else v
-            for spec in ordered_fields(type(settings))]
-
-
-def record_of(outputs) -> dict:
-    return next(o for o in outputs if isinstance(o, dict) and o.get("kind") == "lab")
-
-
-def figures_of(outputs) -> list[str]:
-    return [o["value"] for o in outputs if isinstance(o, dict) and str(o.get("value", "")).endswith(".png")]
-
-
-def run_until_stopped(client, workspace: str, job_id: str, timeout: float = 300.0) -> tuple:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        outputs = client.predict(workspace, job_id, api_name="/lab_lora_status")
-        if record_of(outputs)["status"] not in ("queued", "running", "cancelling"):
-            return outputs
-        time.sleep(0.2)
-    raise TimeoutError(f"lab job {job_id} did not finish in {timeout}s")
+from tests.lab_client import figures_of, form_values, poll_until_stopped, record_of, start_panel, tables_of
 
 
 def test_the_lora_panel_runs_its_quick_setting_and_shows_figures_tables_and_summary(studio_server):
@@ -44,16 +21,14 @@ def test_the_lora_panel_runs_its_quick_setting_and_shows_figures_tables_and_summ
     started = client.predict(workspace, *form_values(quick), api_name="/lab_lora_run")
     job_id = started[0]
     assert record_of(started)["status"] in ("queued", "running")
-    outputs = run_until_stopped(client, workspace, job_id)
+    outputs = poll_until_stopped(client, workspace, "lora", job_id)
     record = record_of(outputs)
     assert record["status"] == "done" and record["fraction"] == 1.0 and record["error"] is None
     assert len(figures_of(outputs)) == 3
     summary = next(o["value"] for o in outputs if isinstance(o, dict) and "untrained adapter scores" in
                    str(o.get("value", "")))
     assert "rank 4" in summary
-    tables = [o["value"] for o in outputs if isinstance(o, dict) and isinstance(o.get("value"), dict)
-              and "headers" in o["value"]]
-    assert any("test accuracy" in t["headers"] for t in tables)
+    assert any("test accuracy" in t["headers"] for t in tables_of(outputs))
     # The page is reloaded: opening the panel again shows the finished run and its figures.
     reopened = studio_server.client().predict(workspace, api_name="/lab_lora_latest")
     assert reopened[0] == job_id and len(figures_of(reopened)) == 3
@@ -86,28 +61,27 @@ def test_cancel_stops_a_lab_run_and_a_failed_run_leaves_the_queue_serving(studio
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert record_of(client.predict(workspace, job_id, api_name="/lab_lora_cancel"))["status"] == "cancelling"
-    stopped = record_of(run_until_stopped(client, workspace, job_id, timeout=60))
+    stopped = record_of(poll_until_stopped(client, workspace, "lora", job_id, timeout=60))
     assert stopped["status"] == "cancelled" and stopped["fraction"] < 0.5
 
     # A Hub model that is not cached fails the run in the worker, with one line in the record.
     missing = EXPERIMENTS["lora"].settings_cls.quick()
     missing.model_id = "nobody/no-such-encoder"
-    failed_id = client.predict(workspace, *form_values(missing), api_name="/lab_lora_run")[0]
-    failed = record_of(run_until_stopped(client, workspace, failed_id, timeout=60))
+    failed_id = start_panel(client, workspace, "lora", missing)
+    failed = record_of(poll_until_stopped(client, workspace, "lora", failed_id, timeout=60))
     assert failed["status"] == "failed" and "nobody/no-such-encoder" in failed["error"]
     assert "\n" not in failed["error"] and "tiny-encoder" in failed["error"]
 
     quick = EXPERIMENTS["lora"].settings_cls.quick()
     quick.ranks = (2,)
-    again = client.predict(workspace, *form_values(quick), api_name="/lab_lora_run")[0]
-    assert record_of(run_until_stopped(client, workspace, again))["status"] == "done"
+    assert record_of(poll_until_stopped(client, workspace, "lora", start_panel(client, workspace, "lora", quick))
+                     )["status"] == "done"
 
 
 def test_a_run_of_another_workspace_is_not_shown(studio_server):
     client, workspace = studio_server.session()
     _, other = studio_server.session()
-    job_id = client.predict(workspace, *form_values(EXPERIMENTS["lora"].settings_cls.quick()),
-                            api_name="/lab_lora_run")[0]
+    job_id = start_panel(client, workspace, "lora", EXPERIMENTS["lora"].settings_cls.quick())
     with pytest.raises(AppError, match="no such training job"):
         client.predict(other, job_id, api_name="/lab_lora_status")
     studio_server.studio.jobs.cancel(workspace, job_id)

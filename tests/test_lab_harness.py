@@ -64,6 +64,8 @@ def test_defaults_validate_and_convert_to_plain_json():
     ({"ranks": "1, 9"}, "each value of ranks must be between 1 and 8, not 9"),
     ({"ranks": ""}, "ranks must hold between 1 and 32 values, not 0"),
     ({"ranks": [1, True]}, "each value of ranks must be a whole number, not True"),
+    ({"ranks": ",".join(["1"] * 100_000)}, "ranks must hold between 1 and 32 values, not 100000"),
+    ({"rank": "9" * 5000}, "rank must be a whole number, not '" + "9" * 36 + "..."),
     ({"scales": [0.5, float("inf")]}, "each value of scales must be a finite number"),
     ({"seed": -1}, "seed must be between 0 and 2147483647, not -1"),
     ({"model_id": "../../etc/passwd"}, "model_id '../../etc/passwd' is not a Hub id"),
