@@ -8,6 +8,7 @@ from pipelines.adapters import block_lora_parameter_count
 from pipelines.lab import LabSettingsError, run_experiment, settings_from_dict
 from pipelines.lab.data import shifted_digits
 from pipelines.lab.experiments.block_lora import BlockLoRASettings, few_shots
+from tests.lab_client import figures_of, record_of, run_panel, tables_of
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +40,11 @@ def test_few_shots_take_k_images_of_every_class():
 def test_repeated_shot_counts_are_refused():
     with pytest.raises(LabSettingsError, match="shots"):
         settings_from_dict(BlockLoRASettings, {"shots": "4, 4"})
+
+
+def test_the_panel_runs_its_quick_setting_through_the_app(studio_server):
+    client, workspace = studio_server.session()
+    outputs = run_panel(client, workspace, "block-lora", BlockLoRASettings.quick())
+    assert record_of(outputs)["status"] == "done"
+    assert len(figures_of(outputs)) == 3
+    assert any("Block-LoRA" in table["headers"] for table in tables_of(outputs))

@@ -8,6 +8,7 @@ import torch
 from pipelines.lab import LabResult, LabSettingsError, run_experiment, settings_from_dict
 from pipelines.lab.data import digits
 from pipelines.lab.experiments.dv_lora import DVLoRASettings, endoscope_view
+from tests.lab_client import figures_of, record_of, run_panel, tables_of
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +49,11 @@ def test_the_endoscope_view_tints_darkens_the_corners_and_adds_a_spot():
 def test_an_unknown_domain_is_refused():
     with pytest.raises(LabSettingsError, match="shift"):
         settings_from_dict(DVLoRASettings, {"shift": "underwater"})
+
+
+def test_the_panel_runs_its_quick_setting_through_the_app(studio_server):
+    client, workspace = studio_server.session()
+    outputs = run_panel(client, workspace, "dv-lora", DVLoRASettings.quick())
+    assert record_of(outputs)["status"] == "done"
+    assert len(figures_of(outputs)) == 4
+    assert any("trainable parameters" in table["headers"] for table in tables_of(outputs))

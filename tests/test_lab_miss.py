@@ -6,6 +6,7 @@ import pytest
 
 from pipelines.lab import LabSettingsError, run_experiment, settings_from_dict
 from pipelines.lab.experiments.miss import MissToySettings
+from tests.lab_client import figures_of, record_of, run_panel, tables_of
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +46,11 @@ def test_a_rank_that_does_not_divide_the_width_is_refused():
         settings_from_dict(MissToySettings, {"miss_rank": "5"})
     with pytest.raises(LabSettingsError, match="noise"):
         settings_from_dict(MissToySettings, {"noise": "nan"})
+
+
+def test_the_panel_runs_its_quick_setting_through_the_app(studio_server):
+    client, workspace = studio_server.session()
+    outputs = run_panel(client, workspace, "miss", MissToySettings.quick())
+    assert record_of(outputs)["status"] == "done"
+    assert len(figures_of(outputs)) == 4
+    assert any("minimum validation loss" in table["headers"] for table in tables_of(outputs))
