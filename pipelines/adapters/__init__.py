@@ -13,6 +13,7 @@ SplitFlux. Their layers offer `export_lora` (standard LoRA factors with every sc
 """
 
 from pipelines.adapters.base import AdapterLayer, adapter_layers, inject_adapters, remove_adapters
+from pipelines.adapters.block_lora import BlockLoRAConfig, BlockLoRALinear, block_lora_parameter_count
 from pipelines.adapters.core import (
     METHODS,
     AdapterConfig,
@@ -37,7 +38,9 @@ from pipelines.adapters.core import (
     trainable_parameters,
     unmerge,
 )
+from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
+from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
 from pipelines.adapters.visual_gated import (
     VisualGatedConfig,
@@ -51,9 +54,15 @@ __all__ = [
     "AdapterConfig",
     "AdapterError",
     "AdapterLayer",
+    "BlockLoRAConfig",
+    "BlockLoRALinear",
+    "DVLoRAConfig",
+    "DVLoRALinear",
     "LoRAConfig",
     "LoRALinear",
     "MethodInfo",
+    "MissConfig",
+    "MissLinear",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
     "VisualGatedConfig",
@@ -64,20 +73,25 @@ __all__ = [
     "adapter_names",
     "adapter_state_dict",
     "add_adapter",
+    "block_lora_parameter_count",
     "complementary_loss",
     "count_parameters",
     "disabled",
+    "get_phase",
     "inject_adapters",
     "layers_of",
     "load_adapter",
     "load_adapter_state_dict",
     "merge",
+    "miss_parameter_count",
+    "phase_at_step",
     "read_adapter_config",
     "register_method",
     "remove_adapter",
     "remove_adapters",
     "save_adapter",
     "set_active",
+    "set_phase",
     "trainable_parameters",
     "unmerge",
     "visual_gate",
