@@ -104,7 +104,6 @@ class BlockLoRALinear(AdapterLayer):
         self.lora_A = nn.Parameter(down.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, device=device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.train(base_layer.training)  # dropout follows the mode of the model it joins
 
     def chunk_sum(self, x: torch.Tensor) -> torch.Tensor:
         """x_1 + ... + x_n over the n chunks of the last dimension (zero-padded to n equal chunks)."""

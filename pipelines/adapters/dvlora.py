@@ -99,7 +99,6 @@ class DVLoRALinear(AdapterLayer):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.phase = 1
         self.set_phase(1)
-        self.train(base_layer.training)  # dropout follows the mode of the model it joins
 
     # -- phases --------------------------------------------------------------------------------------------
 

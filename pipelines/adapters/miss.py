@@ -105,7 +105,6 @@ class MissLinear(AdapterLayer):
             self.miss = PeftMissLinear(base_layer, PEFT_ADAPTER, config.peft_config(), r=config.rank)
         except ValueError as exc:
             raise AdapterError(f"MiSS cannot adapt this layer: {exc}") from None
-        self.train(base_layer.training)  # dropout follows the mode of the model it joins
 
     @property
     def base_layer(self) -> nn.Module:
