@@ -39,7 +39,18 @@ from pipelines.adapters.core import (
     unmerge,
 )
 from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
+from pipelines.adapters.granite_speech import SpeechLoRAConfig, SpeechLoRALinear, forced_mode
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
+from pipelines.adapters.lorid import (
+    LoRIDConfig,
+    LoRIDLinear,
+    LoRIDOutcome,
+    LoRIDPrompts,
+    consistency_loop,
+    loop_accuracy,
+    lorid_adapters,
+    lorid_solve,
+)
 from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
 from pipelines.adapters.visual_gated import (
@@ -60,11 +71,17 @@ __all__ = [
     "DVLoRALinear",
     "LoRAConfig",
     "LoRALinear",
+    "LoRIDConfig",
+    "LoRIDLinear",
+    "LoRIDOutcome",
+    "LoRIDPrompts",
     "MethodInfo",
     "MissConfig",
     "MissLinear",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
+    "SpeechLoRAConfig",
+    "SpeechLoRALinear",
     "VisualGatedConfig",
     "VisualGatedLoRALinear",
     "active_adapters",
@@ -75,13 +92,18 @@ __all__ = [
     "add_adapter",
     "block_lora_parameter_count",
     "complementary_loss",
+    "consistency_loop",
     "count_parameters",
     "disabled",
+    "forced_mode",
     "get_phase",
     "inject_adapters",
     "layers_of",
     "load_adapter",
     "load_adapter_state_dict",
+    "loop_accuracy",
+    "lorid_adapters",
+    "lorid_solve",
     "merge",
     "miss_parameter_count",
     "phase_at_step",
