@@ -40,6 +40,15 @@ from pipelines.adapters.core import (
 )
 from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
+from pipelines.adapters.lq_lora import (
+    LQLoRAConfig,
+    LQLoRALinear,
+    QuantFormat,
+    fisher_information,
+    lq_decompose,
+    lq_lora_report,
+    plan_lq_lora,
+)
 from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
 from pipelines.adapters.visual_gated import (
@@ -60,6 +69,9 @@ __all__ = [
     "DVLoRALinear",
     "LoRAConfig",
     "LoRALinear",
+    "LQLoRAConfig",
+    "LQLoRALinear",
+    "QuantFormat",
     "MethodInfo",
     "MissConfig",
     "MissLinear",
@@ -77,14 +89,18 @@ __all__ = [
     "complementary_loss",
     "count_parameters",
     "disabled",
+    "fisher_information",
     "get_phase",
     "inject_adapters",
     "layers_of",
     "load_adapter",
     "load_adapter_state_dict",
+    "lq_decompose",
+    "lq_lora_report",
     "merge",
     "miss_parameter_count",
     "phase_at_step",
+    "plan_lq_lora",
     "read_adapter_config",
     "register_method",
     "remove_adapter",

@@ -18,6 +18,7 @@ that name when one or several adapters wrap it, and every key of an adapter's st
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import re
@@ -40,6 +41,13 @@ FORMAT = "blockstudio-adapter"
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20
 _ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_RESTORING = contextvars.ContextVar("blockstudio_adapter_restoring", default=False)
+
+
+def restoring_state() -> bool:
+    """True while `load_adapter` builds the layers whose tensors the saved state is about to overwrite: a method
+    whose initialisation is costly (a decomposition of every weight) may skip it then."""
+    return _RESTORING.get()
 
 
 class AdapterError(InvalidAdapter):
@@ -514,7 +522,11 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str | None = None, 
         raise AdapterError(f"the adapter in {folder} adapts {missing[0] if missing else found[0]}, which this model "
                            "does not have in the same place")
     with _all_or_nothing(model):
-        add_adapter(model, exact, name, freeze_base=freeze_base)
+        token = _RESTORING.set(True)
+        try:
+            add_adapter(model, exact, name, freeze_base=freeze_base)
+        finally:
+            _RESTORING.reset(token)
         for layer in [s[0] for s in layers_of(model, name).values()]:
             layer.adapter_config = config
         load_adapter_state_dict(model, state, name)
