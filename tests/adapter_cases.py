@@ -62,5 +62,6 @@ CASES: dict[str, Case] = {
     "block-lora": Case({"rank": 3, "num_blocks": 3}),
     "miss": Case({"rank": 4}),
     # NF3 in blocks of 16 with 4-bit scales; the 512-number weights end in a partial scale group.
+    "cbq": Case({"bits": 3, "rank": 2}),
     "lq-lora": Case({"rank": 4, "quant_format": "nf3-16-4-bf16-64", "num_iterations": 5}),
 }

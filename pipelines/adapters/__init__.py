@@ -14,6 +14,7 @@ SplitFlux. Their layers offer `export_lora` (standard LoRA factors with every sc
 
 from pipelines.adapters.base import AdapterLayer, adapter_layers, inject_adapters, remove_adapters
 from pipelines.adapters.block_lora import BlockLoRAConfig, BlockLoRALinear, block_lora_parameter_count
+from pipelines.adapters.cbq import CBQConfig, CBQLinear, block_output_errors, cbq_calibrate
 from pipelines.adapters.core import (
     METHODS,
     AdapterConfig,
@@ -65,6 +66,8 @@ __all__ = [
     "AdapterLayer",
     "BlockLoRAConfig",
     "BlockLoRALinear",
+    "CBQConfig",
+    "CBQLinear",
     "DVLoRAConfig",
     "DVLoRALinear",
     "LoRAConfig",
@@ -86,6 +89,8 @@ __all__ = [
     "adapter_state_dict",
     "add_adapter",
     "block_lora_parameter_count",
+    "block_output_errors",
+    "cbq_calibrate",
     "complementary_loss",
     "count_parameters",
     "disabled",
