@@ -21,6 +21,7 @@ from pipelines.adapters import (
 )
 from pipelines.adapters.cbq import outlier_threshold, rectified_sigmoid, window_loss, window_starts
 from pipelines.adapters.cbq.layer import CBQLinear, adaround_init
+from tests.test_adapters_core import _assert_unchanged, _snapshot
 
 
 class Residual(nn.Module):
@@ -59,17 +60,6 @@ def _data(n=4, seed=1):
 def _layer(bits=3, group_size=0, **options) -> CBQLinear:
     torch.manual_seed(0)
     return CBQLinear(nn.Linear(12, 10), CBQConfig(bits=bits, group_size=group_size, **options))
-
-
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
-
-
-def _unchanged(model, snapshot):
-    state, types = snapshot
-    now = model.state_dict()
-    return set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state) and \
-        {n: type(m) for n, m in model.named_modules()} == types
 
 
 # -- the quantised layer -------------------------------------------------------------------------------------------
@@ -162,7 +152,7 @@ def test_a_config_that_does_not_fit_is_refused_and_the_model_untouched(options, 
     snapshot = _snapshot(model)
     with pytest.raises(AdapterError, match=message):
         add_adapter(model, CBQConfig(target_modules=["fc1"], **options))
-    assert _unchanged(model, snapshot)
+    _assert_unchanged(model, snapshot)
 
 
 def test_cbq_must_be_the_first_adapter_on_its_module():
@@ -171,7 +161,7 @@ def test_cbq_must_be_the_first_adapter_on_its_module():
     snapshot = _snapshot(model)
     with pytest.raises(AdapterError, match="must be the first adapter"):
         add_adapter(model, CBQConfig(target_modules=["fc1"]), name="q")
-    assert _unchanged(model, snapshot)
+    _assert_unchanged(model, snapshot)
 
 
 # -- windows, loss and outliers ---------------------------------------------------------------------------------
@@ -255,4 +245,4 @@ def test_calibration_refuses_blocks_of_another_model_and_leaves_the_model_untouc
         cbq_calibrate(model, "lora", list(model.blocks), _data())
     with pytest.raises(AdapterError, match="needs at least one block and one calibration batch"):
         cbq_calibrate(model, "q", list(model.blocks), [])
-    assert _unchanged(model, snapshot)
+    _assert_unchanged(model, snapshot)

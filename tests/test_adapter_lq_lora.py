@@ -27,21 +27,11 @@ from pipelines.adapters import (
 from pipelines.adapters.lq_lora import quant as lq_quant
 from pipelines.adapters.lq_lora.plan import allocation_table, solve_assignment
 from tests.adapter_cases import tiny_net, token_input
+from tests.test_adapters_core import _assert_unchanged, _snapshot
 
 
 def _weight(rows=24, cols=40, seed=0):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.1
-
-
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
-
-
-def _unchanged(model, snapshot):
-    state, types = snapshot
-    now = model.state_dict()
-    return set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state) and \
-        {n: type(m) for n, m in model.named_modules()} == types
 
 
 # -- the quantiser ----------------------------------------------------------------------------------------------
@@ -212,7 +202,7 @@ def test_a_budget_below_the_smallest_format_is_refused_and_the_model_untouched()
     config = LQLoRAConfig(rank=2, num_iterations=2, target_modules=["fc1"])
     with pytest.raises(AdapterError, match=r"budget 1.5 bits a parameter is below the 2\.\d+"):
         plan_lq_lora(model, config, 1.5, ["nf2-16-8-fp32-16", "nf4-16-8-fp32-16"])
-    assert _unchanged(model, snapshot)
+    _assert_unchanged(model, snapshot)
     table = allocation_table(model, config, ["nf2-16-8-fp32-16"])
     for bad in (math.nan, math.inf, True):
         with pytest.raises(AdapterError, match="budget must be a finite number"):
@@ -277,7 +267,7 @@ def test_lq_lora_must_be_the_first_adapter_on_its_module_and_the_model_is_left_u
     snapshot = _snapshot(model)
     with pytest.raises(AdapterError, match="must be the first adapter"):
         add_adapter(model, LQLoRAConfig(rank=2, target_modules=["fc1"]), name="lq")
-    assert _unchanged(model, snapshot)
+    _assert_unchanged(model, snapshot)
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -290,7 +280,7 @@ def test_a_config_that_does_not_fit_the_model_is_refused_and_the_model_untouched
     snapshot = _snapshot(model)
     with pytest.raises(AdapterError, match=message):
         add_adapter(model, LQLoRAConfig(target_modules=["fc1"], **options))
-    assert _unchanged(model, snapshot)
+    _assert_unchanged(model, snapshot)
 
 
 def test_forged_codes_beyond_the_grid_fail_with_one_line():
