@@ -91,8 +91,8 @@ def solve_assignment(errors: np.ndarray, bits: np.ndarray, capacity: float) -> l
 def allocation_table(model: nn.Module, config, formats: Sequence[str | QuantFormat], *,
                      fisher: dict[str, torch.Tensor] | None = None,
                      callback: Callable[[float, str], None] | None = None) -> AllocationTable:
-    """Decompose every matrix `config` targets in every format (`config.rank`, iterations and weighting) and
-    record the errors and bits. `fisher` ({module: F}) weights the errors and the SVD, as in the data-aware
+    """Decompose every matrix `config` targets in every format (`config.rank`, iterations and weighting; Q alone
+    for `init="qlora"`) and record the errors and bits. `fisher` ({module: F}) weights the errors and the SVD, as in the data-aware
     LQ-LoRA. `callback(fraction, message)` hears of each matrix (a lab Progress can stop the work there)."""
     parsed = [f if isinstance(f, QuantFormat) else QuantFormat.parse(f) for f in formats]
     if not parsed:
@@ -101,6 +101,7 @@ def allocation_table(model: nn.Module, config, formats: Sequence[str | QuantForm
     slots = {slot.name: slot for slot in module_slots(model)}
     weights = {n: slots[n].original.weight for n in names}
     fisher = fisher or {}
+    rank = 0 if config.init == "qlora" else config.rank  # a QLoRA adapter starts as Q alone
     errors = torch.zeros(len(names), len(parsed), dtype=torch.float64)
     bits = torch.zeros(len(names), len(parsed), dtype=torch.float64)
     for i, name in enumerate(names):
@@ -108,7 +109,7 @@ def allocation_table(model: nn.Module, config, formats: Sequence[str | QuantForm
             callback(i / len(names), f"decomposing {name} in {len(parsed)} formats")
         weight = weights[name]
         for j, fmt in enumerate(parsed):
-            result = lq_decompose(weight, config.rank, fmt, fisher=fisher.get(name), **config.decompose_options())
+            result = lq_decompose(weight, rank, fmt, fisher=fisher.get(name), **config.decompose_options())
             errors[i, j] = result.error ** 2
             bits[i, j] = fmt.storage_bits(weight.numel())
     if callback is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,17 +30,23 @@ class Corpus:
                 for i in range(0, len(self), size)]
 
 
-def corpus(split: str, count: int, seed: int = 0) -> Corpus:
+def corpus(split: str, count: int, seed: int = 0, tokenizer: Any = None) -> Corpus:
     """`count` sequences in the pre-training mix: the four character tasks (prompt and answer) and templated
-    sentences, in a seeded order; "train" and "test" draw different examples."""
+    sentences, in a seeded order; "train" and "test" draw different examples. `tokenizer` is the tiny model's
+    `CharTokenizer` (the default) or a Hub model's tokenizer."""
     per_kind = math.ceil(count / (len(LM_TASKS) + 1))
     texts = [prompt + answer for name in LM_TASKS
              for prompt, answer in zip(*_pairs(name, split, per_kind, seed), strict=True)]
     texts += plain_text(per_kind, seed=seed if split == "train" else seed + 1000)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed + (split == "test")))
-    tokenizer = CharTokenizer()
-    ids, mask = tokenizer.pad([tokenizer.encode(texts[i], bos=True, eos=True) for i in order.tolist()[:count]])
-    return Corpus(ids, mask)
+    chosen = [texts[i] for i in order.tolist()[:count]]
+    if tokenizer is None or isinstance(tokenizer, CharTokenizer):
+        tokenizer = tokenizer or CharTokenizer()
+        return Corpus(*tokenizer.pad([tokenizer.encode(text, bos=True, eos=True) for text in chosen]))
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = tokenizer(chosen, padding=True, return_tensors="pt")
+    return Corpus(encoded["input_ids"], encoded["attention_mask"])
 
 
 def _pairs(name: str, split: str, n: int, seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -63,3 +70,12 @@ def perplexity(model: nn.Module, text: Corpus, batch_size: int = 128) -> float:
     finally:
         model.train(was_training)
     return math.exp(total / tokens)
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a causal LM, in order: the ModuleList as long as its number of layers."""
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return list(module)
+    raise ValueError(f"found no list of {depth} transformer blocks in {type(model).__name__}")
