@@ -30,7 +30,7 @@ Choices of ours (the method section could not be read; see layer.py), each a con
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,7 @@ def _block_layers(blocks: Sequence[nn.Module], layers: dict[int, CBQLinear]) -> 
 def _call(model: nn.Module, batch: Any, run: Callable[[nn.Module, Any], Any] | None) -> Any:
     if run is not None:
         return run(model, batch)
-    return model(**batch) if isinstance(batch, dict) else model(batch)
+    return model(**batch) if isinstance(batch, Mapping) else model(batch)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -202,8 +202,8 @@ def _preprocess(model, name, layers: list[CBQLinear], batches, run, report: CBQR
 def cbq_calibrate(model: nn.Module, name: str, blocks: Sequence[nn.Module], batches: Sequence[Any], *,
                   run: Callable[[nn.Module, Any], Any] | None = None,
                   callback: Callable[[float, str], None] | None = None) -> CBQReport:
-    """Calibrate CBQ adapter `name` on `batches` (each a dict of model keyword arguments, a tensor, or whatever
-    `run(model, batch)` takes), block window by block window over `blocks`; return what it did.
+    """Calibrate CBQ adapter `name` on `batches` (each a mapping of model keyword arguments, such as a tokenizer's
+    output, a tensor, or whatever `run(model, batch)` takes), block window by block window over `blocks`; return what it did.
 
     The settings are the adapter's config (window, overlap, steps, learning rates, regulariser, CFP). Layers of
     the adapter outside `blocks` keep round-to-nearest. `callback(fraction, message)` hears of every step.
