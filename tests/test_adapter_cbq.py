@@ -246,3 +246,15 @@ def test_calibration_refuses_blocks_of_another_model_and_leaves_the_model_untouc
     with pytest.raises(AdapterError, match="needs at least one block and one calibration batch"):
         cbq_calibrate(model, "q", list(model.blocks), [])
     _assert_unchanged(model, snapshot)
+
+
+def test_calibration_batches_may_be_mappings_of_keyword_arguments_as_a_tokenizer_returns():
+    from collections import UserDict
+
+    results = []
+    for batches in (_data(), [UserDict(x=x) for x in _data()]):
+        model = _stack()
+        torch.manual_seed(0)
+        add_adapter(model, CBQConfig(bits=2, steps=5, target_modules=["fc1"]), name="q")
+        results.append(cbq_calibrate(model, "q", list(model.blocks), batches).losses)
+    assert results[0] == results[1]

@@ -162,6 +162,9 @@ def test_empirical_fisher_is_the_sum_of_squared_per_example_gradients_and_leaves
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(fisher["blocks.0.fc1"], expected)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and not model.training
+    by_config = fisher_information(model, loss, batches, LQLoRAConfig(target_modules=["fc1"]))
+    assert sorted(by_config) == ["blocks.0.fc1", "blocks.1.fc1"]
+    torch.testing.assert_close(by_config["blocks.0.fc1"], expected)
 
 
 # -- the budget ------------------------------------------------------------------------------------------------

@@ -124,17 +124,17 @@ def lq_decompose(weight: torch.Tensor, rank: int, fmt: QuantFormat, *, fisher: t
 
 
 def fisher_information(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batches: Iterable[Any],
-                       modules: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The empirical Fisher of the weights of `modules` (original names): the sum over `batches` of the squared
-    gradient of `loss_fn(model, batch)`, one number per weight.
+                       modules: Any) -> dict[str, torch.Tensor]:
+    """The empirical Fisher of the weights of `modules` (original names, or an adapter config whose targets they
+    are): the sum over `batches` of the squared gradient of `loss_fn(model, batch)`, one number per weight.
 
     The model runs in train mode, as in the official code; its mode, `requires_grad` flags and `.grad` fields
     are given back afterwards.
     """
-    from pipelines.adapters.core import module_slots
+    from pipelines.adapters.core import AdapterConfig, module_slots, target_names
 
     slots = {slot.name: slot for slot in module_slots(model)}
-    names = list(modules)
+    names = target_names(model, modules) if isinstance(modules, AdapterConfig) else list(modules)
     missing = [n for n in names if n not in slots or not hasattr(slots[n].original, "weight")]
     if missing:
         raise ValueError(f"the model has no module {missing[0]!r} with a weight")

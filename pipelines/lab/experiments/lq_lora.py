@@ -94,13 +94,12 @@ def _targets(model) -> list[str]:
 
 def _fisher(model, settings: LQLoRASettings, tokenizer, config: LQLoRAConfig):
     text = corpus("train", settings.fisher_sequences, settings.seed, tokenizer).batches(1)
-    names = [name for name, _ in model.named_modules() if name and config.matches(name)]
 
     def loss(m, batch):
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return m(**batch, labels=labels).loss
 
-    return fisher_information(model, loss, text, names)
+    return fisher_information(model, loss, text, config)
 
 
 def _adapted(model, config: LQLoRAConfig, seed: int):
