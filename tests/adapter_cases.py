@@ -57,4 +57,6 @@ CASES: dict[str, Case] = {
     "lora": Case({"rank": 4, "scale": 0.5}),
     "rank-constrained": Case({"rank": 4, "alpha": 2}),
     "visual-gated": Case({"content_rank": 3, "residual_rank": 2}),
+    "dylora": Case({"rank": 4, "min_rank": 1, "alpha": 8.0}),
+    "sora": Case({"rank": 4, "alpha": 8.0}),
 }

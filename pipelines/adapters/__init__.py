@@ -8,6 +8,9 @@ Verbs: `add_adapter`, `set_active`, `disabled`, `merge` / `unmerge`, `adapter_st
 to its config class, title, paper and the property its lab demo shows. Each method lives in one module of
 this package (config, layer, and the method's own losses or steps beside them) and registers itself there.
 
+DyLoRA (`sample_rank`, `set_rank`, `export_rank`, `truncate`) and SoRA (`sparsity_loss`, `gate_optimizer`,
+`live_ranks`, `export_pruned`, `prune`) bring their own training steps and ways out as plain LoRA adapters.
+
 The studio's own training layers are here too: LoRA, the rank-constrained and the visual-gated layers of
 SplitFlux. Their layers offer `export_lora` (standard LoRA factors with every scale folded into `lora_B`).
 """
@@ -32,13 +35,27 @@ from pipelines.adapters.core import (
     read_adapter_config,
     register_method,
     remove_adapter,
+    replace_adapter,
     save_adapter,
     set_active,
     trainable_parameters,
     unmerge,
 )
+from pipelines.adapters.dylora import DyLoRAConfig, DyLoRALinear, export_rank, sample_rank, set_rank, truncate
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
+from pipelines.adapters.sora import (
+    SoRAConfig,
+    SoRALinear,
+    SparseAdamW,
+    export_pruned,
+    gate_optimizer,
+    live_ranks,
+    proximal_step_,
+    prune,
+    sparsifying_schedule,
+    sparsity_loss,
+)
 from pipelines.adapters.visual_gated import (
     VisualGatedConfig,
     VisualGatedLoRALinear,
@@ -51,11 +68,16 @@ __all__ = [
     "AdapterConfig",
     "AdapterError",
     "AdapterLayer",
+    "DyLoRAConfig",
+    "DyLoRALinear",
     "LoRAConfig",
     "LoRALinear",
     "MethodInfo",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
+    "SoRAConfig",
+    "SoRALinear",
+    "SparseAdamW",
     "VisualGatedConfig",
     "VisualGatedLoRALinear",
     "active_adapters",
@@ -67,18 +89,30 @@ __all__ = [
     "complementary_loss",
     "count_parameters",
     "disabled",
+    "export_pruned",
+    "export_rank",
+    "gate_optimizer",
     "inject_adapters",
     "layers_of",
+    "live_ranks",
     "load_adapter",
     "load_adapter_state_dict",
     "merge",
+    "proximal_step_",
+    "prune",
     "read_adapter_config",
     "register_method",
     "remove_adapter",
     "remove_adapters",
+    "replace_adapter",
+    "sample_rank",
     "save_adapter",
     "set_active",
+    "set_rank",
+    "sparsifying_schedule",
+    "sparsity_loss",
     "trainable_parameters",
+    "truncate",
     "unmerge",
     "visual_gate",
 ]
