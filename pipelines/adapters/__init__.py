@@ -53,6 +53,7 @@ from pipelines.adapters.sora import (
     live_ranks,
     proximal_step_,
     prune,
+    sora_optimizer,
     sparsifying_schedule,
     sparsity_loss,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "set_active",
     "set_rank",
     "sparsifying_schedule",
+    "sora_optimizer",
     "sparsity_loss",
     "trainable_parameters",
     "truncate",

@@ -107,6 +107,22 @@ class DyLoRAConfig(AdapterConfig):
             raise AdapterError(f"{what} {rank!r} is outside the DyLoRA range [{self.min_rank}, {self.rank}]")
         return rank
 
+    # -- export from saved tensors (a package holds the factors, not the layers) ---------------------------
+
+    def export_ranks(self, states: dict[str, dict[str, torch.Tensor]]) -> tuple[int, int]:
+        """The ranks a plain LoRA can be cut at: the trained range."""
+        return self.min_rank, self.rank
+
+    def check_export_rank(self, rank: int, states: dict[str, dict[str, torch.Tensor]]) -> int:
+        return self.check_rank(rank)
+
+    def lora_factors(self, state: dict[str, torch.Tensor], rank: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's `{"lora_A", "lora_B"}` cut to `rank` (default r_max) as LoRA factors, alpha / rank in B."""
+        rank = self.rank if rank is None else rank
+        down, up = state["lora_A"][:rank], state["lora_B"][:, :rank]
+        return down.detach().float().contiguous(), ((self.alpha / rank) * up.detach().float()).contiguous()
+
 
 class DyLoRALinear(AdapterLayer):
     """A LoRA of rank r_max whose forward uses only its first b ranks, at scale alpha / b."""
@@ -158,9 +174,7 @@ class DyLoRALinear(AdapterLayer):
 
     def export_lora(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `rank` ranks (default: the evaluation rank) as LoRA factors, alpha / rank folded into B."""
-        rank = self.eval_rank if rank is None else rank
-        down, up = self.factors(rank)
-        return down.detach().float().clone(), ((self.alpha / rank) * up.detach().float()).contiguous()
+        return self.config.lora_factors(self.adapter_state_dict(), self.eval_rank if rank is None else rank)
 
 
 DyLoRAConfig.layer_cls = DyLoRALinear

@@ -91,6 +91,35 @@ class SoRAConfig(AdapterConfig):
         if self.schedule == "exp_linear" and (self.threshold <= 0 or self.max_threshold <= 0):
             raise AdapterError("SoRA's exp_linear schedule needs threshold and max_threshold above 0")
 
+    # -- export from saved tensors (a package holds the factors, not the layers) ---------------------------
+
+    def export_ranks(self, states: dict[str, dict[str, torch.Tensor]]) -> tuple[int, int]:
+        """The ranks a plain LoRA can be cut at: 1 up to the most live ranks any layer kept."""
+        return 1, max(int(torch.count_nonzero(state["lora_gate"])) for state in states.values())
+
+    def check_export_rank(self, rank: int, states: dict[str, dict[str, torch.Tensor]]) -> int:
+        live = self.export_ranks(states)[1]
+        if not is_integer(rank) or rank < 1:
+            raise AdapterError(f"rank {rank!r} must be a whole number of at least 1")
+        if rank > live:
+            raise AdapterError(f"rank {rank} is more than this SoRA adapter kept: no layer has more than {live} "
+                               f"live ranks (of r_max {self.rank}); choose a rank up to {live}")
+        return rank
+
+    def lora_factors(self, state: dict[str, torch.Tensor], rank: int | None = None, *, fold_scale: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's `{"lora_A", "lora_B", "lora_gate"}` pruned as LoRA factors: the gate folded into B, and
+        alpha / r_max too unless `fold_scale` is False.
+
+        Without `rank` every live rank stays (the same outputs); with it, the `rank` live ranks of largest |g|.
+        """
+        gate = state["lora_gate"].detach()
+        keep = kept_ranks(gate, rank)
+        down = state["lora_A"].detach()[keep].float()
+        up = state["lora_B"].detach()[:, keep].float() * gate[keep].float()
+        scale = self.alpha / self.rank if fold_scale else 1.0
+        return down.contiguous(), (scale * up).contiguous()
+
     def thresholds(self) -> list[float]:
         """The xi values the schedule steps through (just [xi] without a schedule)."""
         if self.schedule == "none":
@@ -226,27 +255,20 @@ class SoRALinear(AdapterLayer):
 
     def live_ranks(self) -> torch.Tensor:
         """Indices of the ranks whose gate is not zero."""
-        return torch.nonzero(self.lora_gate.detach() != 0).flatten()
-
-    def kept_ranks(self, rank: int | None = None) -> torch.Tensor:
-        """The live ranks, or the `rank` of them with the largest |g|, in their original order."""
-        live = self.live_ranks()
-        if rank is not None and rank < live.numel():
-            order = torch.argsort(self.lora_gate.detach()[live].abs(), descending=True, stable=True)
-            live = torch.sort(live[order[:rank]]).values
-        return live
-
-    def pruned_factors(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, g ⊙ B) over `kept_ranks(rank)`; the scale alpha / r_max is not applied."""
-        keep = self.kept_ranks(rank)
-        down = self.lora_A.detach()[keep].float()
-        up = (self.lora_B.detach()[:, keep] * self.lora_gate.detach()[keep]).float()
-        return down.contiguous(), up.contiguous()
+        return kept_ranks(self.lora_gate.detach())
 
     def export_lora(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept ranks as LoRA factors with the gate and alpha / r_max folded into B."""
-        down, up = self.pruned_factors(rank)
-        return down, (self.scale * up).contiguous()
+        return self.config.lora_factors(self.adapter_state_dict(), rank)
+
+
+def kept_ranks(gate: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """Indices of the non-zero entries of `gate`, or of the `rank` of them with the largest |g|, in order."""
+    live = torch.nonzero(gate.flatten() != 0).flatten()
+    if rank is not None and rank < live.numel():
+        order = torch.argsort(gate.flatten()[live].abs(), descending=True, stable=True)
+        live = torch.sort(live[order[:rank]]).values
+    return live
 
 
 SoRAConfig.layer_cls = SoRALinear
@@ -286,6 +308,21 @@ def gate_optimizer(model: nn.Module, name: str = "default", lr: float = 1e-3, *,
                        proximal=config.proximal, schedule_start=schedule_start, stage_steps=stage_steps, **options)
 
 
+def sora_optimizer(model: nn.Module, name: str = "default", lr: float = 1e-3, *,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                   gate_lr: float | None = None, schedule_start: int = 0, stage_steps: int = 0) -> SparseAdamW:
+    """One optimiser for the whole of SoRA adapter `name`: its factors as AdamW (`eps`, `weight_decay`), its
+    gates as the official gate optimiser (eps 1e-6, no weight decay, the config's threshold schedule) at
+    `gate_lr` (default `lr`, the official `sparse_lr` default)."""
+    config = next(iter(sora_layers(model, name).values())).config
+    groups = [
+        {"params": factor_parameters(model, name), "eps": eps, "weight_decay": weight_decay, "thresholds": [0.0]},
+        {"params": gate_parameters(model, name), "lr": lr if gate_lr is None else gate_lr, "eps": 1e-6,
+         "weight_decay": 0.0, "thresholds": config.thresholds(), "proximal": config.proximal},
+    ]
+    return SparseAdamW(groups, lr=lr, betas=betas, schedule_start=schedule_start, stage_steps=stage_steps)
+
+
 def live_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
     """{module: the number of its non-zero gates}."""
     return {module: int(layer.live_ranks().numel()) for module, layer in sora_layers(model, name).items()}
@@ -301,7 +338,7 @@ def export_pruned(model: nn.Module, name: str = "default") -> tuple[LoRAConfig, 
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for module, layer in layers.items():
-        down, up = layer.pruned_factors()
+        down, up = layer.config.lora_factors(layer.adapter_state_dict(), fold_scale=False)
         if down.shape[0] == 0:
             continue
         ranks[module] = int(down.shape[0])
