@@ -215,7 +215,7 @@ class JobManager:
 
     def submit(self, owner: str, *, image: str | Path, method: str, model: str, name: str | None = None,
                steps: int, rank: int, learning_rate: float, seed: int = 0, sample_every: int = 0,
-               token: str | None = None, sample_steps: int | None = None) -> JobRecord:
+               token: str | None = None, sample_steps: int | None = None, adapter: str = "lora") -> JobRecord:
         """Check everything, copy the image into the job, and queue it. Errors name the field to fix."""
         workspace = Workspace(owner, self.home)
         chosen = method_for(method)
@@ -230,6 +230,8 @@ class JobManager:
         if sample_every < 0:
             raise JobError("preview interval must be 0 (off) or a number of steps")
         token = check_token(token.strip()) if token and token.strip() else None
+        if adapter not in chosen.adapters:
+            raise JobError(f"{chosen.label} trains with {' or '.join(chosen.adapters)} adapters, not {adapter!r}")
         extras = chosen.extra_values(rank)
         # The job trains from its own copy (the upload cache may be emptied before a resume); encoding it
         # here keeps the lock, which every page's poll takes, free of image work.
@@ -250,7 +252,7 @@ class JobManager:
                 model=spec.name, name=name, total=steps, created=time.time(),
                 settings={"steps": steps, "rank": rank, "learning_rate": float(learning_rate), "seed": seed,
                           "sample_every": sample_every, "token": token, "sample_steps": sample_steps,
-                          "extras": extras},
+                          "extras": extras, "adapter": adapter},
             )
             with atomic_file(self._job_dir(record) / "source.png") as tmp:
                 tmp.write_bytes(buffer.getvalue())
@@ -379,7 +381,8 @@ class JobManager:
             rank=settings["rank"], learning_rate=settings["learning_rate"], seed=settings["seed"],
             token=settings.get("token"), sample_every=settings.get("sample_every") or 0,
             sample_steps=settings.get("sample_steps"), checkpoint_every=max(1, min(250, steps // 10)),
-            samples=True, resume=record.runs > 1, **settings.get("extras", {}),
+            samples=True, resume=record.runs > 1, adapter=settings.get("adapter", "lora"),
+            **settings.get("extras", {}),
         )
         first_event = [True]
 

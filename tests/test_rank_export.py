@@ -55,6 +55,8 @@ def test_dylora_package_records_the_adapter_and_keeps_its_trained_factors(dylora
     assert info["files"]["dylora"] == "dylora.safetensors"
     full = AdapterPackage.open(dylora_package).state_dict("full")
     assert all(t.shape[0] == 4 for k, t in full.items() if k.endswith("lora_A.weight"))
+    card = (dylora_package / "README.md").read_text()
+    assert "DyLoRA over ranks 1-4" in card and "blockstudio export" in card
 
 
 def test_dylora_blora_exports_at_two_ranks_that_plain_diffusers_loads(dylora_package, tiny_sdxl_path, tmp_path,

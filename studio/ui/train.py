@@ -20,7 +20,7 @@ from pipelines.errors import BlockStudioError
 from pipelines.images import center_crop_square, load_image
 from pipelines.models import REGISTRY
 from studio.jobs import JobRecord
-from studio.methods import METHODS, models_for, training_defaults
+from studio.methods import ADAPTER_LABELS, METHODS, Method, models_for, training_defaults
 from studio.ui.common import Studio, format_seconds, handler, upload_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,9 +45,17 @@ def model_choices(studio: Studio, arch: str) -> list[tuple[str, str]]:
     return [(f"{s.name} — {s.description}", s.name) for s in specs]
 
 
+def adapter_options(method: Method) -> dict[str, Any]:
+    """The adapters `method` trains its blocks with (the Adapter radio's settings); shown only given a choice."""
+    return dict(choices=[(ADAPTER_LABELS[a], a) for a in method.adapters], value=method.adapters[0],
+                visible=len(method.adapters) > 1)
+
+
 def _job_label(record: JobRecord) -> str:
     when = time.strftime("%b %d %H:%M", time.localtime(record.created))
-    return f"{record.name} · {METHODS[record.method].label} · {record.model} · {when}"
+    adapter = record.settings.get("adapter") or "lora"
+    method = METHODS[record.method].label + (f" ({ADAPTER_LABELS[adapter].split(' ')[0]})" if adapter != "lora" else "")
+    return f"{record.name} · {method} · {record.model} · {when}"
 
 
 def job_choices(studio: Studio, owner: str) -> list[tuple[str, str]]:
@@ -170,6 +178,9 @@ def build(studio: Studio) -> TrainTab:
                     sample_every = gr.Number(value=defaults["sample_every"], label="Preview every N steps",
                                              info="0 = no previews while training", precision=0, minimum=0)
                     token = gr.Textbox(label="Trigger token", placeholder="automatic, e.g. [v42]", max_length=32)
+                adapter = gr.Radio(label="Adapter", elem_id="train-adapter", **adapter_options(first),
+                                   info="DyLoRA and SoRA packages can be exported later at a smaller rank "
+                                        "(Share tab, or blockstudio export)")
             start = gr.Button("Start training", variant="primary", size="lg", elem_id="train-start")
 
     gr.Markdown("### Progress")
@@ -198,7 +209,7 @@ def build(studio: Studio) -> TrainTab:
         values = training_defaults(chosen, spec)
         return (gr.Dropdown(choices=model_choices(studio, chosen.arch), value=spec.name),
                 gr.Radio(info=chosen.blurb), values["steps"], values["rank"], values["learning_rate"],
-                values["sample_every"])
+                values["sample_every"], gr.Radio(**adapter_options(chosen)))
 
     @handler
     def crop_preview(upload, model_name: str | None):
@@ -213,7 +224,7 @@ def build(studio: Studio) -> TrainTab:
 
     @handler
     def start_training(workspace_id, upload, method_key, model_name, package_name, n_steps, lora_rank, lr,
-                       seed_value, preview_every, trigger):
+                       seed_value, preview_every, trigger, adapter_type="lora"):
         path = upload_path(upload)
         if not path:
             raise gr.Error("Upload an image first (drag and drop, paste, or pick an example).",
@@ -222,7 +233,7 @@ def build(studio: Studio) -> TrainTab:
         record = studio.jobs.submit(
             owner, image=path, method=method_key, model=model_name, name=package_name or None,
             steps=n_steps or 0, rank=lora_rank or 0, learning_rate=lr or 0, seed=seed_value or 0,
-            sample_every=preview_every or 0, token=trigger,
+            sample_every=preview_every or 0, token=trigger, adapter=adapter_type or "lora",
         )
         ahead = studio.jobs.position(record.id)
         gr.Info(f"{record.name}: queued" + (f" behind {ahead} job(s)." if ahead else ", starting now."))
@@ -274,13 +285,13 @@ def build(studio: Studio) -> TrainTab:
                 ) + status_values(studio, record)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    method.input(change_method, [method], [model, method, steps, rank, learning_rate, sample_every],
+    method.input(change_method, [method], [model, method, steps, rank, learning_rate, sample_every, adapter],
                   api_visibility="private", **cheap)
     # preprocess=False: the handlers check uploads themselves (see upload_path).
     gr.on([image.change, model.change], crop_preview, [image, model], [crop], api_name="crop_preview",
           preprocess=False, **cheap)
     start.click(start_training, [ws, image, method, model, name, steps, rank, learning_rate, seed, sample_every,
-                                 token], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
+                                 token, adapter], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
                 show_progress="hidden")
     job.input(show_job, [ws, job], outputs, api_visibility="private", **cheap)
     timer.tick(poll_job, [ws, job, shown], outputs + [shown], api_name="job_status", **cheap)
