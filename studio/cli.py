@@ -1,4 +1,4 @@
-"""`blockstudio` commands: train, generate, export, import, inspect, models, app.
+"""`blockstudio` commands: train, generate, export, import, inspect, models, lab, app.
 
 Every command validates its input before loading a model, prints one-line errors (exit code 2) for bad
 input, and never leaves half-written files behind.
@@ -219,6 +219,70 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class LabProgressPrinter:
+    """A lab run's percentage and message on one updating line (a line every 10% when not a terminal)."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.started = time.perf_counter()
+        self.last_tenth = -1
+
+    def __call__(self, fraction: float, message: str) -> None:
+        text = f"{100 * fraction:3.0f}%  {_format_seconds(time.perf_counter() - self.started)}  {message}"
+        if self.tty:
+            self.stream.write("\r" + text[:100].ljust(100) + ("\n" if fraction >= 1 else ""))
+            self.stream.flush()
+        elif int(fraction * 10) > self.last_tenth:
+            self.last_tenth = int(fraction * 10)
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+def _lab_overrides(items: list[str]) -> dict[str, str]:
+    """`--set key=value` options as a dict; a malformed or repeated one is refused."""
+    import re
+
+    values: dict[str, str] = {}
+    for item in items:
+        match = re.fullmatch(r"([a-z_][a-z0-9_]*)=(.*)", item, flags=re.DOTALL)
+        if match is None:
+            raise ValueError(f"--set takes key=value (e.g. --set steps=100), not {item!r}")
+        key, value = match.groups()
+        if key in values:
+            raise ValueError(f"--set {key} is given twice")
+        values[key] = value
+    return values
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from pipelines.adapters import METHODS
+    from pipelines.lab import EXPERIMENTS, Progress, experiment_for, make_settings, run_experiment
+    from pipelines.storage import check_writable_target
+
+    if args.lab_command == "list":
+        for name, info in sorted(METHODS.items(), key=lambda item: (item[0] not in EXPERIMENTS, item[0])):
+            ok, why = info.available()
+            status = ("runnable" if ok else f"unavailable: {why}") if name in EXPERIMENTS else "no experiment yet"
+            print(f"{name:18s} {info.title[:40]:40s} {status}")
+        return 0
+    experiment = experiment_for(args.method)
+    base = experiment.settings_cls.quick() if args.quick else experiment.settings_cls()
+    settings = make_settings(args.method, {**base.to_dict(), **_lab_overrides(args.set or [])})
+    out = check_writable_target(args.out) if args.out else None
+    try:
+        result = run_experiment(args.method, settings, Progress(LabProgressPrinter(), interval=0.5))
+    except KeyboardInterrupt:
+        print("\ncancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    if out is not None:
+        result.save(out)
+    print(result.summary)
+    if out is not None:
+        print(f"\nresult written to {out} (result.json and {len(result.figures)} figures)")
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from studio.app import launch
 
@@ -337,6 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["list", "path"])
     models.add_argument("name", nargs="?")
     models.set_defaults(func=cmd_models)
+
+    lab = sub.add_parser("lab", help="run the adapter lab's experiments")
+    lab_commands = lab.add_subparsers(dest="lab_command", required=True)
+    lab_commands.add_parser("list", help="the adapter methods and whether each has an experiment").set_defaults(
+        func=cmd_lab)
+    lab_run = lab_commands.add_parser("run", help="run a method's experiment; print its summary")
+    lab_run.add_argument("method", help="a method name from `blockstudio lab list`")
+    lab_run.add_argument("--quick", action="store_true", help="the quick settings (seconds) instead of the full demo")
+    lab_run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="change one setting, e.g. --set ranks=1,2,4 --set steps=100 (repeatable)")
+    lab_run.add_argument("--out", default=None, help="folder for the result: result.json and one PNG per figure")
+    lab_run.set_defaults(func=cmd_lab)
 
     app = sub.add_parser("app", help="start the studio in the browser")
     app.add_argument("--host", default="127.0.0.1")

@@ -1,10 +1,15 @@
-"""Training jobs: a first-in first-out queue served by one worker (one job per GPU at a time), records on disk.
+"""Training and lab jobs: a first-in first-out queue served by one worker (one job per GPU at a time), records on disk.
 
 Each job has a JSON record in its owner's workspace (`jobs/<id>/job.json`) with its status, step, loss
 history, speed, ETA, previews, checkpoint and error, so the page can re-read it after a reload and the server
 finds it again after a restart. Cancelling sets the loop's `CancelToken`: training stops before the next step
 and keeps a checkpoint, from which the job resumes exactly. Jobs found running when the server starts were cut
 off by a crash; they become `interrupted` and resume from their last checkpoint.
+
+A lab job (`kind="lab"`, queued by `submit_lab`) runs one adapter-lab experiment through the same queue, worker
+and per-user limit. Its record carries the run's fraction done, message, elapsed time and ETA; cancelling stops
+it at its next progress report; its result (`result.json` and the figures' PNGs) goes to `jobs/<id>/result/`.
+A stopped lab job runs again from the start (an experiment takes seconds to minutes and keeps no checkpoints).
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ class JobRecord:
     finished: float | None = None
     resumed_from: int | None = None
     runs: int = 0
+    kind: str = "training"  # or "lab": an adapter-lab experiment (method names the lab method)
+    fraction: float = 0.0  # lab jobs: how far the run is, 0..1
+    message: str = ""  # lab jobs: what the run is doing now
+    elapsed_s: float | None = None  # lab jobs: seconds since the run started
+    result: str | None = None  # lab jobs: the result folder under the job's folder, once done
 
     @property
     def active(self) -> bool:
@@ -153,7 +163,7 @@ class JobManager:
             self._records[record.id] = record
             if record.status in ("running", "cancelling"):
                 record.status = "interrupted"
-                record.error = "the server stopped during training"
+                record.error = "the server stopped during " + ("the run" if record.kind == "lab" else "training")
                 record.checkpoint_step = self._checkpoint_step(record)
                 record.it_s = record.eta_s = None
                 self._save(record)
@@ -161,6 +171,8 @@ class JobManager:
                 self._queue.append(record.id)
 
     def _checkpoint_step(self, record: JobRecord) -> int | None:
+        if record.kind == "lab":
+            return None
         out = Workspace(record.owner, self.home).packages / record.name
         checkpoint = latest_checkpoint(work_dir_for(out))
         return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else None
@@ -179,15 +191,17 @@ class JobManager:
         with self._lock:
             return copy.deepcopy(self._find(owner, job_id))
 
-    def jobs(self, owner: str, limit: int = 20) -> list[JobRecord]:
-        """The owner's jobs, newest first."""
+    def jobs(self, owner: str, limit: int = 20, kind: str | None = "training",
+             method: str | None = None) -> list[JobRecord]:
+        """The owner's jobs of `kind` (all kinds with None; of one `method` if given), newest first."""
         with self._lock:
-            mine = [r for r in self._records.values() if r.owner == owner and r.status != "discarded"]
+            mine = [r for r in self._records.values() if r.owner == owner and r.status != "discarded"
+                    and (kind is None or r.kind == kind) and (method is None or r.method == method)]
             return [copy.deepcopy(r) for r in sorted(mine, key=lambda r: r.created, reverse=True)[:limit]]
 
-    def latest(self, owner: str) -> JobRecord | None:
+    def latest(self, owner: str, kind: str = "training", method: str | None = None) -> JobRecord | None:
         """The job a returning user most wants to see: the newest active one, else the newest."""
-        mine = self.jobs(owner)
+        mine = self.jobs(owner, kind=kind, method=method)
         return next((r for r in mine if r.active), mine[0] if mine else None)
 
     def position(self, job_id: str) -> int | None:
@@ -259,6 +273,31 @@ class JobManager:
             self._records[record.id] = record
             return self._enqueue(record)
 
+    def submit_lab(self, owner: str, method: str, settings: dict[str, Any] | None = None) -> JobRecord:
+        """Queue a run of `method`'s lab experiment. The settings (UI or CLI values) are checked here, so a bad one
+        is refused with one line naming the field before anything is queued."""
+        from pipelines.lab import check_available, experiment_for, make_settings
+
+        Workspace(owner, self.home)  # refuses a malformed workspace id
+        experiment = experiment_for(method)
+        check_available(experiment.method)
+        checked = make_settings(experiment.method, settings)
+        with self._lock:
+            self._check_room(owner)
+            record = JobRecord(
+                id=f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", owner=owner, method=experiment.method,
+                model=checked.model_id or "built-in", name="", settings=checked.to_dict(), created=time.time(),
+                kind="lab", total=1000,
+            )
+            self._records[record.id] = record
+            return self._enqueue(record)
+
+    def lab_result_folder(self, record: JobRecord) -> Path | None:
+        """The folder holding a finished lab job's result (result.json and PNGs), or None."""
+        if record.kind != "lab" or not record.result:
+            return None
+        return self._job_dir(record) / record.result
+
     def _check_room(self, owner: str) -> None:
         """One user may not fill the queue: a few active jobs each (the caller holds the lock)."""
         mine = [r for r in self._records.values() if r.owner == owner and r.active]
@@ -308,8 +347,9 @@ class JobManager:
             if not record.resumable:
                 raise JobError(f"this job is {record.status}; only stopped jobs can be discarded")
             record.status = "discarded"
-            out = Workspace(owner, self.home).packages / record.name
-            shutil.rmtree(work_dir_for(out), ignore_errors=True)
+            if record.kind != "lab":
+                out = Workspace(owner, self.home).packages / record.name
+                shutil.rmtree(work_dir_for(out), ignore_errors=True)
             self._save(record)
 
     def close(self, timeout: float = 60.0) -> None:
@@ -342,14 +382,14 @@ class JobManager:
                 record.it_s = record.eta_s = None
                 self._save(record)
             try:
-                self._run(record, token)
+                (self._run_lab if record.kind == "lab" else self._run)(record, token)
                 outcome, error = "done", None
             except TrainingCancelled:
                 outcome, error = ("interrupted" if self._stopping else "cancelled"), None
             except BlockStudioError as exc:
                 outcome, error = "failed", one_line(exc)
             except Exception as exc:  # a bug or a resource problem: the page gets one line, the log the trace
-                log.exception("training job %s failed", job_id)
+                log.exception("%s job %s failed", record.kind, job_id)
                 outcome, error = "failed", f"{type(exc).__name__}: {one_line(exc)}"
             with self._lock:
                 record.status = outcome
@@ -420,3 +460,31 @@ class JobManager:
                 pipe.unload_lora_weights()
             except Exception:
                 self._pipes.clear()
+
+    def _run_lab(self, record: JobRecord, token: CancelToken) -> None:
+        """Run a lab experiment; its progress goes into the record, its result into jobs/<id>/result/."""
+        from pipelines.lab import Progress, run_experiment
+
+        started = time.monotonic()
+        with self._lock:
+            record.fraction, record.message, record.elapsed_s, record.result = 0.0, "starting", 0.0, None
+            record.step = 0
+
+        def on_progress(fraction: float, message: str) -> None:
+            with self._lock:
+                elapsed = time.monotonic() - started
+                record.fraction = round(fraction, 4)
+                record.step = int(fraction * record.total)
+                record.message = message[:200]
+                record.elapsed_s = round(elapsed, 1)
+                # The ETA from the pace so far; none in the first moments, when loading dominates.
+                record.eta_s = round(elapsed * (1 - fraction) / fraction, 1) if fraction >= 0.02 else None
+                if time.monotonic() - self._last_write.get(record.id, 0.0) >= RECORD_WRITE_INTERVAL_S:
+                    self._save(record)
+
+        result = run_experiment(record.method, record.settings, Progress(on_progress, token))
+        result.save(self._job_dir(record) / "result")
+        with self._lock:
+            record.result = "result"
+            record.fraction, record.step, record.message = 1.0, record.total, "done"
+            record.elapsed_s = round(time.monotonic() - started, 1)
