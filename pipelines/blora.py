@@ -34,6 +34,13 @@ BLOCKS = {"content": CONTENT_BLOCK, "style": STYLE_BLOCK}
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "blora"
 ADAPTER_TYPES = ("lora", "dylora", "sora")
+# Which part each use loads (adapter.json's `composition`): the content block's half for the subject, the style
+# block's half for the style (the paper's Sec. 4.3).
+COMPOSITION = {
+    "name": "B-LoRA",
+    "uses": {"mix": "content", "content": "content", "reembed": "content", "style": "style"},
+    "optional": [],
+}
 
 
 @dataclass
@@ -349,7 +356,7 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
         pipe = load_pipeline(request.model)
     prepare_work_dir(work, job, resume=request.resume, restart=request.restart)
     recipe = BLoRARecipe(pipe, crop, settings)
-    sample_steps = request.sample_steps or spec.steps
+    sample_steps = request.sample_steps or spec.fast_steps  # previews and samples: the "fast" steps
 
     def preview(step: int) -> None:
         if on_sample is not None:
@@ -399,6 +406,7 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
         "token": token,
         "prompt": settings.prompt,
         "blocks": settings.blocks,
+        "composition": COMPOSITION,
         "ranks": ranks,
         "rank": adapter["rank"] if adapter else request.rank,
         "target_modules": list(settings.projections),

@@ -1,9 +1,13 @@
 """Generation with content and style adapters in a warm pipeline.
 
-`StudioPipeline` loads a base model once and keeps two adapter slots, `content` and `style`. Pointing a slot
-at another package replaces only that adapter (PEFT hotswap where enabled, else delete and load); the base
-weights are never reloaded. The calls it makes are the plain diffusers ones, so the same call in diffusers
+`StudioPipeline` loads a base model once and keeps two adapter slots, `content` and `style`, plus one slot per
+optional part asked for beside a choice (`content_boundary` for a SplitFlux package's boundary blocks). Pointing
+a slot at another package replaces only that adapter (PEFT hotswap where enabled, else delete and load); the
+base weights are never reloaded. The calls it makes are the plain diffusers ones, so the same call in diffusers
 with the package's files (`load_lora_weights`, `set_adapters`, a CPU generator) gives the same image.
+
+Which part a slot loads by default is the package's own record (`AdapterPackage.part_for`): the content part
+mixing uses (SplitFlux: the content branch alone, as in the paper), the one for new prompts, the style part.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from pipelines.errors import BlockStudioError, InvalidAdapter
 from pipelines.models import load_pipeline, resolve_model
 from pipelines.package import AdapterPackage
 
-SLOTS = ("content", "style")
 _PLACEHOLDER = re.compile(r"\[(c|s)\]", re.IGNORECASE)
 
 
@@ -52,15 +55,42 @@ def default_prompt(has_content: bool, has_style: bool, method: str = "b-lora") -
 
 @dataclass
 class AdapterChoice:
-    """One slot's choice: which package, which of its parts, at which scale."""
+    """One slot's choice: which package, which of its parts, at which scale, and which optional parts beside it.
+
+    Each part in `extras` (e.g. SplitFlux's `boundary`) is loaded as an adapter of its own at the same scale.
+    """
 
     package: AdapterPackage
     part: str
     scale: float = 1.0
+    extras: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A missing part fails here, before any model is loaded, in one line naming the parts the package has.
+        for part in (self.part, *self.extras):
+            self.package.file(part)
+
+    @classmethod
+    def for_use(cls, package: AdapterPackage, use: str, scale: float = 1.0,
+                extras: tuple[str, ...] = ()) -> AdapterChoice:
+        """The part `package` records for `use` ("mix", "content", "reembed", "style")."""
+        return cls(package, package.part_for(use), scale, tuple(extras))
 
     @property
     def file(self) -> Path:
         return self.package.file(self.part)
+
+    def slots(self, slot: str) -> dict[str, AdapterChoice]:
+        """{adapter name: choice} for this choice in `slot`: its part, then each extra part as `<slot>_<part>`."""
+        out = {slot: self}
+        for extra in self.extras:
+            out[f"{slot}_{extra}"] = AdapterChoice(self.package, extra, self.scale)
+        return out
+
+    def label(self) -> str:
+        """`<package>:<part>@<scale>`, with `+<extra>` for every extra part."""
+        extras = "".join(f"+{e}" for e in self.extras)
+        return f"{self.package.path.name}:{self.part}{extras}@{self.scale:g}"
 
 
 class StudioPipeline:
@@ -134,12 +164,17 @@ class StudioPipeline:
         self.adapter_loads += 1
 
     def set_adapters(self, content: AdapterChoice | None = None, style: AdapterChoice | None = None) -> None:
-        """Put the chosen adapters in their slots and apply their scales."""
-        self._set_slot("content", content)
-        self._set_slot("style", style)
-        active = [(s, c.scale) for s, c in (("content", content), ("style", style)) if c is not None]
-        if active:
-            self.pipe.set_adapters([s for s, _ in active], adapter_weights=[w for _, w in active])
+        """Put the chosen adapters in their slots (and their extra parts in theirs) and apply their scales."""
+        wanted: dict[str, AdapterChoice] = {}
+        for slot, choice in (("content", content), ("style", style)):
+            if choice is not None:
+                wanted.update(choice.slots(slot))
+        for slot in [s for s in self._loaded if s not in wanted]:
+            self._set_slot(slot, None)
+        for slot, choice in wanted.items():
+            self._set_slot(slot, choice)
+        if wanted:
+            self.pipe.set_adapters(list(wanted), adapter_weights=[c.scale for c in wanted.values()])
 
     def generate(
         self,
@@ -155,7 +190,9 @@ class StudioPipeline:
         negative_prompt: str | None = None,
         num_images: int = 1,
         callback=None,
+        fast: bool = False,
     ) -> list[Image.Image]:
+        """Images for `prompt`; `steps` None means the model's default, or its "fast" steps with `fast=True`."""
         method = (content or style).package.method if (content or style) else "b-lora"
         if prompt is None:
             prompt = default_prompt(content is not None, style is not None, method)
@@ -165,7 +202,7 @@ class StudioPipeline:
         self.set_adapters(content, style)
         kwargs = dict(
             prompt=text,
-            num_inference_steps=steps or self.spec.steps,
+            num_inference_steps=steps or self.spec.inference_steps(fast),
             guidance_scale=self.spec.guidance if guidance is None else guidance,
             width=width or self.spec.resolution,
             height=height or self.spec.resolution,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipelines import formats
-from pipelines.blora import BLOCKS, split_by_block
+from pipelines.blora import BLOCKS, COMPOSITION, split_by_block
 from pipelines.errors import InvalidAdapter, ModelNotAvailable
 from pipelines.models import model_path, resolve_model
 from pipelines.package import PackageContents, check_name, check_token, write_package
@@ -77,6 +77,7 @@ def import_lora(file: str | Path, out: str | Path, *, model: str = "sdxl", token
         "token": token,
         "prompt": f"A {token}",
         "blocks": {role: BLOCKS[role] for role in parts},
+        "composition": COMPOSITION,
         "ranks": {role: max(ranks[m.rsplit(".lora_", 1)[0]] for m in state) for role, state in parts.items()},
         "imported_from": file.name,
         "source_metadata": {k: v for k, v in metadata.items() if len(v) < 2000},

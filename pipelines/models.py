@@ -23,16 +23,26 @@ class ModelSpec:
     arch: str  # "sdxl" or "flux"
     repo_id: str | None  # Hub id; None for tiny models
     resolution: int  # training and default generation size
-    steps: int  # default inference steps
+    steps: int  # default inference steps (the reference pipeline's own default)
     guidance: float  # default guidance scale
     tiny: bool = False
     description: str = ""
+    fast: int | None = None  # fewer inference steps for a quicker look ("fast"); None: the same as `steps`
+
+    @property
+    def fast_steps(self) -> int:
+        return self.fast or self.steps
+
+    def inference_steps(self, fast: bool = False) -> int:
+        """The default number of inference steps, or the "fast" one."""
+        return self.fast_steps if fast else self.steps
 
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 30, 5.0,
+        # 50 steps: StableDiffusionXLPipeline's default, which the official B-LoRA inference uses.
+        ModelSpec("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 50, 5.0, fast=30,
                   description="Stable Diffusion XL base 1.0"),
         ModelSpec("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", 1024, 28, 3.5,
                   description="FLUX.1 [dev]"),
@@ -72,12 +82,12 @@ def resolve_model(name: str) -> ModelSpec:
     if path.is_dir():
         arch = _arch_of_folder(path)
         base = REGISTRY["sdxl" if arch == "sdxl" else "flux-dev"]
-        return ModelSpec(str(path.resolve()), arch, None, base.resolution, base.steps, base.guidance)
+        return ModelSpec(str(path.resolve()), arch, None, base.resolution, base.steps, base.guidance, fast=base.fast)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         lowered = name.lower()
         arch = "flux" if "flux" in lowered else "sdxl"
         base = REGISTRY["sdxl" if arch == "sdxl" else "flux-dev"]
-        return ModelSpec(name, arch, name, base.resolution, base.steps, base.guidance)
+        return ModelSpec(name, arch, name, base.resolution, base.steps, base.guidance, fast=base.fast)
     raise ModelNotAvailable(
         f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, a Hub id (owner/name) or a local diffusers folder"
     )

@@ -181,6 +181,30 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
     return out
 
 
+def describe_part(info: dict, part: str) -> str:
+    """What a part holds, from adapter.json: `blocks (branch xscale, ...)`, or the description an older package
+    recorded, or the block of that role."""
+    parts = info.get("parts")
+    entry = parts.get(part) if isinstance(parts, dict) else None
+    if isinstance(entry, dict):
+        branches = entry.get("branches")
+        listed = ", ".join(f"{b} x{w:g}" if _is_number(w) else str(b)
+                           for b, w in branches.items()) if isinstance(branches, dict) else ""
+        return str(entry.get("blocks", "?")) + (f" ({listed})" if listed else "")
+    if isinstance(entry, str):
+        return entry
+    blocks = info.get("blocks")
+    return str(blocks.get(part, part)) if isinstance(blocks, dict) else part
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 @dataclass
 class AdapterPackage:
     """A package folder read back from disk."""
@@ -224,11 +248,56 @@ class AdapterPackage:
     def file(self, part: str) -> Path:
         files = self.info.get("files", {})
         if part not in files:
-            raise InvalidAdapter(f"package {self.name} has no {part!r} part (it has {', '.join(sorted(files))})")
+            raise InvalidAdapter(f"package {self.name} has no {part!r} part (it has {', '.join(self.parts())})")
         return self.path / files[part]
+
+    def parts(self) -> list[str]:
+        """The weight files the package holds, by part name (`full`, `content`, `style`, ...)."""
+        return sorted(k for k in self.info.get("files", {}) if k != "samples" and not k.startswith("kohya"))
 
     def has(self, part: str) -> bool:
         return part in self.info.get("files", {})
+
+    @property
+    def composition(self) -> dict:
+        """Which part each use loads (`uses`: mix, content, reembed, style) and which parts are optional.
+
+        Recorded in adapter.json by the recipe. A package written before that record keeps the composition it
+        was always used with: its `content` part for mixing and `content_reembed` (where it has one) for new
+        prompts; `recorded` is False for it.
+        """
+        recorded = self.info.get("composition")
+        if (isinstance(recorded, dict) and isinstance(recorded.get("uses"), dict)
+                and _names(list(recorded["uses"].values())) and _names(recorded.get("optional", []))):
+            return {"optional": [], **recorded, "recorded": True}
+        reembed = "content_reembed" if self.has("content_reembed") else "content"
+        return {"recorded": False, "name": "unrecorded", "optional": [],
+                "uses": {"mix": "content", "content": "content", "reembed": reembed, "style": "style"}}
+
+    def part_for(self, use: str) -> str:
+        """The part the package loads for `use`; a use it does not record falls back to the part of that name."""
+        part = self.composition["uses"].get(use, use)
+        if not isinstance(part, str) or not self.has(part):
+            raise InvalidAdapter(f"package {self.name} has no part for {use!r} (it has {', '.join(self.parts())})")
+        return part
+
+    def describe_part(self, part: str) -> str:
+        return describe_part(self.info, part)
+
+    def composition_line(self) -> str:
+        """One line saying what mixing and new prompts load, for the library."""
+        comp = self.composition
+        uses = comp["uses"]
+        mix, reembed = uses.get("mix", "content"), uses.get("reembed", "content")
+        head = (f"{comp.get('name', 'recorded')} composition" if comp["recorded"]
+                else "older package (composition not recorded)")
+        line = f"{head}: mix loads {mix} = {self.describe_part(mix)} with a style part"
+        if reembed != mix:
+            line += f"; new prompts load {reembed}"
+        optional = [p for p in comp.get("optional", []) if self.has(p)]
+        if optional:
+            line += f"; {', '.join(optional)} off unless asked for"
+        return line
 
     def state_dict(self, part: str = "full") -> dict[str, torch.Tensor]:
         """The canonical state dict of one part, read from its diffusers file."""

@@ -106,6 +106,7 @@ def cmd_train_splitflux(args: argparse.Namespace) -> int:
         gate_source=args.gate_source, style_text=args.style_text, export_gate=args.export_gate,
         guidance=args.training_guidance, max_sequence_length=args.max_sequence_length,
         timestep_sampling=args.timestep_sampling, quantize_base=args.quantize_base,
+        complementary_reduction=args.complementary_reduction, lora_init=args.lora_init,
     )
     return _run_training(lambda **kw: train_splitflux(request, **kw), args.out)
 
@@ -146,9 +147,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.package import AdapterPackage
     from pipelines.storage import atomic_file
 
-    content = AdapterChoice(AdapterPackage.open(args.content), args.content_part, args.content_scale) \
-        if args.content else None
-    style = AdapterChoice(AdapterPackage.open(args.style), "style", args.style_scale) if args.style else None
+    content = None
+    if args.content:
+        package = AdapterPackage.open(args.content)
+        part = args.content_part or package.part_for("mix")
+        content = AdapterChoice(package, part, args.content_scale, ("boundary",) if args.with_boundary else ())
+    elif args.with_boundary:
+        raise ValueError("--with-boundary loads the boundary blocks of the --content package; give --content")
+    style = AdapterChoice.for_use(AdapterPackage.open(args.style), "style", args.style_scale) if args.style else None
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out must end in .png, .jpg or .webp, not {out.name!r}")
@@ -159,6 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = studio.generate(
         args.prompt, content=content, style=style, seed=args.seed, steps=args.steps, guidance=args.guidance,
         width=args.width, height=args.height, negative_prompt=args.negative_prompt, num_images=args.num_images,
+        fast=args.fast,
     )
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
 
@@ -310,9 +317,13 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
                    help="write a preview to OUT.partial/samples every N steps (0: none)")
     p.add_argument("--no-samples", action="store_true", help="skip the preview images")
     p.add_argument("--sample-steps", type=int, default=None)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: bf16 on a GPU that has it (else fp16), fp32 on a CPU; the official B-LoRA "
+                        "command trains in fp16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="8-bit optimizer state (B-LoRA: on by default on a GPU with bitsandbytes, as the official "
+                        "command; SplitFlux: off unless given, the paper's Adam keeps 32-bit state)")
 
 
 def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
@@ -326,6 +337,10 @@ def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style-blocks", default="12-37", help="single blocks with the style LoRA")
     p.add_argument("--rca-alpha", type=int, default=2, help="boundary rank is RANK/alpha, its update times alpha")
     p.add_argument("--complementary-weight", type=float, default=0.1)
+    p.add_argument("--complementary-reduction", choices=["sum", "mean"], default="sum",
+                   help="combine the gated layers' complementary losses by sum (the paper) or mean")
+    p.add_argument("--lora-init", choices=["gaussian", "kaiming"], default="gaussian",
+                   help="initial down factors: N(0, 1/rank) (PEFT's gaussian) or Kaiming-uniform (PEFT's default)")
     p.add_argument("--text-gate", type=float, default=1.0, help="gate of text tokens in the content blocks (0-1)")
     p.add_argument("--gate-source", choices=["block_input", "layer_input"], default="block_input",
                    help="features whose norms gate image tokens")
@@ -335,7 +350,9 @@ def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
                    help="fixed gate for content.safetensors (default: both branches at weight 1)")
     p.add_argument("--training-guidance", type=float, default=1.0, help="guidance embedding value while training")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default 512; 32 on tiny-flux)")
-    p.add_argument("--timestep-sampling", choices=["uniform", "logit_normal"], default="uniform")
+    p.add_argument("--timestep-sampling", choices=["uniform", "logit_normal", "flux_shift"], default="uniform",
+                   help="how sigma is drawn: uniform, sigmoid of a normal, or that shifted by the image size "
+                        "(sd-scripts' flux_shift)")
     p.add_argument("--quantize-base", choices=["none", "fp8", "nf4"], default="none",
                    help="store the frozen transformer in fp8 (layerwise casting) or NF4 (bitsandbytes, CUDA)")
 
@@ -366,11 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--style", default=None, help="package whose style adapter to use")
     gen.add_argument("--content-scale", type=float, default=1.0)
     gen.add_argument("--style-scale", type=float, default=1.0)
-    gen.add_argument("--content-part", default="content", help="which content part (SplitFlux: content_reembed)")
+    gen.add_argument("--content-part", default=None,
+                     help="which content part (default: the one the package mixes with; SplitFlux: content_reembed, "
+                          "the content branch, as the paper mixes; content: both content branches)")
+    gen.add_argument("--with-boundary", action="store_true",
+                     help="also load the content package's boundary blocks (SplitFlux), at the content scale")
     gen.add_argument("--prompt", default=None, help='e.g. "A [c] in [s] style"; [c]/[s] become the tokens')
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None, help="default: the model's (SDXL 50)")
+    gen.add_argument("--fast", action="store_true", help="without --steps: the model's fast steps (SDXL 30)")
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)

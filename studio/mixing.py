@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -56,6 +56,7 @@ class GenerationSettings:
     width: int | None = None
     height: int | None = None
     negative_prompt: str | None = None
+    fast: bool = False  # with steps None: the model's fast steps (SDXL 30 instead of 50)
 
     def checked(self) -> GenerationSettings:
         seed = int(self.seed)
@@ -74,7 +75,9 @@ class GenerationSettings:
                 raise GenerationError(f"{label} must be a multiple of 8 between 64 and 2048")
             sizes.append(value)
         negative = (self.negative_prompt or "").strip()[:500] or None
-        return GenerationSettings(seed, steps, guidance, sizes[0], sizes[1], negative)
+        if not isinstance(self.fast, bool):
+            raise GenerationError("fast must be true or false")
+        return GenerationSettings(seed, steps, guidance, sizes[0], sizes[1], negative, self.fast)
 
 
 def parse_scales(text: str, label: str) -> list[float]:
@@ -150,7 +153,7 @@ class GenerationService:
             image = studio.generate(
                 text, content=content, style=style, seed=settings.seed, steps=settings.steps,
                 guidance=settings.guidance, width=settings.width, height=settings.height,
-                negative_prompt=settings.negative_prompt,
+                negative_prompt=settings.negative_prompt, fast=settings.fast,
             )[0]
         return image, text
 
@@ -158,7 +161,7 @@ class GenerationService:
                 settings: GenerationSettings) -> tuple[Image.Image, Image.Image, str]:
         """(before, after, prompt): the base model and the adapters, same prompt and seed."""
         after, text = self.generate(prompt, content=content, style=style, settings=settings)
-        off = [AdapterChoice(c.package, c.part, 0.0) if c else None for c in (content, style)]
+        off = [replace(c, scale=0.0) if c else None for c in (content, style)]
         before, _ = self.generate(prompt, content=off[0], style=off[1], settings=settings)
         return before, after, text
 
@@ -170,10 +173,8 @@ class GenerationService:
         total = len(content_scales) * len(style_scales)
         for row, cs in enumerate(content_scales):
             for col, ss in enumerate(style_scales):
-                image, _ = self.generate(
-                    prompt, content=AdapterChoice(content.package, content.part, cs),
-                    style=AdapterChoice(style.package, style.part, ss), settings=settings,
-                )
+                image, _ = self.generate(prompt, content=replace(content, scale=cs), style=replace(style, scale=ss),
+                                         settings=settings)
                 cells.append((image, f"content {cs:g} · style {ss:g}"))
                 if on_image is not None:
                     on_image(row * len(style_scales) + col + 1, total)
@@ -234,8 +235,8 @@ def parameters(prompt: str, content: AdapterChoice | None, style: AdapterChoice 
                settings: GenerationSettings, **extra) -> dict:
     return {
         "prompt": prompt,
-        "content": f"{content.package.path.name}:{content.part}@{content.scale:g}" if content else None,
-        "style": f"{style.package.path.name}:{style.part}@{style.scale:g}" if style else None,
+        "content": content.label() if content else None,
+        "style": style.label() if style else None,
         **asdict(settings),
         **extra,
     }

@@ -142,3 +142,29 @@ def test_unsafe_tokens_are_refused(bad):
 
     with pytest.raises(UnsafeName):
         check_token(bad)
+
+
+def test_fp16_training_beside_bf16_keeps_fp32_lora_on_an_fp16_unet(tmp_path):
+    """The official command trains in fp16: the UNet runs in fp16, the LoRA factors and the package stay fp32."""
+    from pipelines.blora import TrainRequest, train_blora
+    from pipelines.models import load_pipeline
+
+    pipe = load_pipeline("tiny-sdxl")
+    dtypes = set()
+
+    def record(module, args, kwargs):
+        dtypes.add((args[0] if args else kwargs["sample"]).dtype)
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        package = train_blora(TrainRequest(image=EXAMPLES / "cat.jpg", out=tmp_path / "cat", model="tiny-sdxl",
+                                           steps=3, rank=4, learning_rate=1e-3, checkpoint_every=0,
+                                           sample_steps=1, mixed_precision="fp16"), pipe=pipe)
+    finally:
+        handle.remove()
+    assert torch.float16 in dtypes
+    with safe_open(str(package / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora.up." in k)
+    assert (package / "samples" / "full.png").is_file()

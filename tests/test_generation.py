@@ -138,3 +138,19 @@ def test_package_for_another_architecture_is_refused(cat_package, tmp_path):
     (fake / "adapter.json").write_text(json.dumps(info))
     with pytest.raises(InvalidAdapter, match="FLUX"):
         StudioPipeline("tiny-sdxl").generate("A [c]", content=AdapterChoice(AdapterPackage.open(fake), "content"))
+
+
+def test_sdxl_generates_at_the_official_50_steps_and_30_when_fast():
+    from types import SimpleNamespace
+
+    calls = []
+
+    def pipe(**kwargs):
+        calls.append(kwargs["num_inference_steps"])
+        return SimpleNamespace(images=[None])
+
+    studio = StudioPipeline("sdxl", pipe=pipe)
+    studio.generate("A photo of a cat")
+    studio.generate("A photo of a cat", fast=True)
+    studio.generate("A photo of a cat", steps=12, fast=True)
+    assert calls == [50, 30, 12]

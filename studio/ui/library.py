@@ -74,13 +74,15 @@ def build(studio: Studio) -> LibraryTab:
     def inspect(workspace_id, name):
         if not name:
             return "", {}, ""
-        data = studio.library(workspace_id).inspect(name)
+        library = studio.library(workspace_id)
+        data = library.inspect(name)
         info = data["adapter"]
         size = sum(data["files"].values()) / 1e6
         facts = (f"**{name}** · {info.get('method', '?')} on `{info.get('base_model', '?')}`  \n"
                  f"Token `{tokens_of(info)}` · rank {info.get('rank', info.get('ranks', '?'))} · "
                  f"{info.get('steps', '–')} steps · {str(info.get('created', ''))[:16].replace('T', ' ')} · "
-                 f"{size:.1f} MB")
+                 f"{size:.1f} MB  \n"
+                 f"Composition: {library.open(name).composition_line()}")
         return facts, data, name.removeprefix("shared:")
 
     @handler

@@ -12,8 +12,8 @@ from studio.ui.mix import GENERATE, make_settings, settings_controls
 
 
 def content_part(package) -> str:
-    """SplitFlux packages carry a part made for re-embedding; B-LoRA uses its content block."""
-    return "content_reembed" if package.has("content_reembed") else "content"
+    """The part the package records for new prompts (SplitFlux: the content branch; B-LoRA: its content block)."""
+    return package.part_for("reembed")
 
 
 def _column(studio: Studio, slot: str, title: str, templates: tuple[str, ...], example: str, gallery_label: str):
@@ -67,15 +67,15 @@ def build(studio: Studio) -> None:
     @handler
     @gpu
     def subject_in_prompts(workspace_id, name, scale, templates, prompts, seed, steps, guidance, width, height,
-                           negative_prompt, progress=gr.Progress()):
-        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+                           negative_prompt, fast=False, progress=gr.Progress()):
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)
         return run(workspace_id, name, content_part, scale, "content", templates, prompts, values, progress)
 
     @handler
     @gpu
     def style_on_prompts(workspace_id, name, scale, templates, prompts, seed, steps, guidance, width, height,
-                         negative_prompt, progress=gr.Progress()):
-        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+                         negative_prompt, fast=False, progress=gr.Progress()):
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)
         return run(workspace_id, name, lambda _: "style", scale, "style", templates, prompts, values, progress)
 
     reembed.click(subject_in_prompts, [ws, content, content_scale, content_templates, content_free] + settings,
