@@ -54,7 +54,8 @@ def adapter_options(method: Method) -> dict[str, Any]:
 def _job_label(record: JobRecord) -> str:
     when = time.strftime("%b %d %H:%M", time.localtime(record.created))
     adapter = record.settings.get("adapter") or "lora"
-    method = METHODS[record.method].label + (f" ({ADAPTER_LABELS[adapter].split(' ')[0]})" if adapter != "lora" else "")
+    kind = ADAPTER_LABELS.get(adapter, str(adapter)).split(" ")[0]
+    method = METHODS[record.method].label + (f" ({kind})" if adapter != "lora" else "")
     return f"{record.name} · {method} · {record.model} · {when}"
 
 
