@@ -77,7 +77,7 @@ def target_modules(unet: torch.nn.Module, blocks: dict[str, str] | None = None,
     for name, module in unet.named_modules():
         if not isinstance(module, torch.nn.Linear) or not name.startswith(prefixes):
             continue
-        if re.search(r"\.attn[12]\.(" + "|".join(re.escape(p) for p in projections) + r")$", name):
+        if re.fullmatch(r".*\.attn[12]\.(" + "|".join(re.escape(p) for p in projections) + r")", name):
             names.append(name)
     if not names:
         raise ValueError(f"no attention projections found in blocks {sorted(blocks.values())}")
@@ -162,7 +162,9 @@ class BLoRARecipe:
             self.module_names = target_modules(unet, self.settings.blocks, self.settings.projections)
             # Gaussian init and lora_alpha == r: down ~ N(0, 1/r), up = 0, scale 1, as the official code.
             # The init draws from the seed, so a run is reproducible from its seed alone.
-            with torch.random.fork_rng(devices=[]):
+            from pipelines.models import building_modules
+
+            with torch.random.fork_rng(devices=[]), building_modules():
                 torch.manual_seed(config.seed)
                 unet.add_adapter(
                     LoraConfig(r=self.settings.rank, lora_alpha=self.settings.rank, init_lora_weights="gaussian",
@@ -298,23 +300,19 @@ def prepare_request(request: TrainRequest):
     from pipelines.models import resolve_model
     from pipelines.package import check_name, check_token, token_for_image
     from pipelines.storage import check_writable_target
-    from pipelines.training import work_dir_for
+    from pipelines.training import check_resume, check_run_request, work_dir_for
 
+    check_run_request(request)
     spec = resolve_model(request.model)
     if spec.arch != "sdxl":
         raise ValueError(f"B-LoRA needs an SDXL model; {request.model} is {spec.arch.upper()} (use SplitFlux for Flux)")
-    out = check_writable_target(request.out)
+    out = check_writable_target(request.out, force=request.force)
     check_name(out.name)
-    if request.rank < 1 or request.rank > 1024:
-        raise ValueError(f"rank must be between 1 and 1024, not {request.rank}")
+    check_resume(work_dir_for(out), request.resume)
     if request.adapter not in ADAPTER_TYPES:
         raise ValueError(f"adapter must be one of {', '.join(ADAPTER_TYPES)}, not {request.adapter!r}")
     if request.adapter == "sora" and request.use_8bit_adam:
         raise ValueError("SoRA trains with its own optimiser (the gates' proximal step); leave 8-bit Adam off")
-    if request.steps < 1:
-        raise ValueError(f"steps must be at least 1, not {request.steps}")
-    if not request.learning_rate > 0:
-        raise ValueError(f"learning rate must be positive, not {request.learning_rate}")
     resolution = request.resolution or spec.resolution
     if resolution % 8 or resolution < 64 or resolution > 4096:
         raise ValueError(f"resolution must be a multiple of 8 between 64 and 4096, not {resolution}")
@@ -422,7 +420,7 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
         info["adapter"] = adapter
     contents = PackageContents(name=out.name, info=info, full=full, parts=parts, samples=samples,
                                loss_history=result.loss_history, extra_files=trained)
-    write_package(out, contents)
+    write_package(out, contents, replace=request.force)
     if not request.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out

@@ -18,6 +18,7 @@ Only safetensors are read: pickled checkpoints are refused before they are opene
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipelines.checks import check_weights
 from pipelines.errors import InvalidAdapter
 from pipelines.storage import atomic_file
 
@@ -160,7 +162,7 @@ _FLUX_DOUBLE_KOHYA = {
     "img_mod_lin": ("norm1.linear",),
     "txt_mod_lin": ("norm1_context.linear",),
 }
-_FLUX_KOHYA_KEY = re.compile(r"^lora_unet_(single|double)_blocks_(\d+)_([a-z0-9_]+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_FLUX_KOHYA_KEY = re.compile(r"lora_unet_(single|double)_blocks_(\d+)_([a-z0-9_]+?)\.(lora_down\.weight|lora_up\.weight|alpha)")
 _FLUX_BLOCKS = {"single": ("single_transformer_blocks", _FLUX_SINGLE_KOHYA),
                 "double": ("transformer_blocks", _FLUX_DOUBLE_KOHYA)}
 
@@ -186,10 +188,10 @@ def to_kohya_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     out: dict[str, torch.Tensor] = {}
     done: set[str] = set()
     for kind, (diffusers_blocks, table) in _FLUX_BLOCKS.items():
-        pattern = re.compile(rf"^{diffusers_blocks}\.(\d+)\.(.+)$")
+        pattern = re.compile(rf"{diffusers_blocks}\.(\d+)\.(.+)")
         groups: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for module, pair in modules.items():
-            match = pattern.match(module)
+            match = pattern.fullmatch(module)
             if not match:
                 continue
             for kohya_name, members in table.items():
@@ -236,7 +238,7 @@ def from_kohya_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     """sd-scripts Flux keys -> canonical (alpha folded in, fused modules split, zero padding dropped)."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
-        match = _FLUX_KOHYA_KEY.match(key)
+        match = _FLUX_KOHYA_KEY.fullmatch(key)
         if match is None:
             raise InvalidAdapter(f"key {key!r} is not a kohya Flux LoRA weight")
         grouped.setdefault(f"{match[1]}|{match[2]}|{match[3]}", {})[match[4]] = value
@@ -249,7 +251,7 @@ def from_kohya_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
             raise InvalidAdapter(f"lora_unet_{kind}_blocks_{index}_{kohya_name} lacks one of its two LoRA factors")
         down, up = tensors["lora_down.weight"].float(), tensors["lora_up.weight"].float()
-        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
+        alpha = alpha_value(group, tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
         up = up * (alpha / down.shape[0])
         members = table[kohya_name]
         if len(members) == 1:
@@ -286,6 +288,17 @@ def _split_fused(kohya_name: str, members: tuple[str, ...], down: torch.Tensor, 
     return {m: (down, ups[i]) for i, m in enumerate(members)}
 
 
+def alpha_value(key: str, value: torch.Tensor) -> float:
+    """A kohya `.alpha`: one finite, positive number (an int or float tensor, never a bool or NaN)."""
+    if value.dtype == torch.bool or value.numel() != 1 or value.is_complex():
+        raise InvalidAdapter(f"{key}: alpha must be one number, not a {str(value.dtype).removeprefix('torch.')} "
+                             f"tensor of shape {tuple(value.shape)}")
+    alpha = float(value)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidAdapter(f"{key}: alpha is {alpha}; it must be a positive number (the file is broken)")
+    return alpha
+
+
 def _fold_alpha(modules: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
     out = {}
     for module, pair in modules.items():
@@ -319,10 +332,11 @@ def normalize_lora(
     without `unet.` / `unet.unet.` / `transformer.` prefixes, and kohya (`lora_unet_*`, diffusers or SGM block
     names, `.alpha`; for Flux, sd-scripts' `lora_unet_single_blocks_*` / `lora_unet_double_blocks_*`). `module_names` are the Linear modules of the base model, used to resolve kohya names.
     """
+    check_weights({k: v for k, v in state_dict.items() if not k.endswith(".alpha")}, "LoRA file")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     dropped_te = 0
-    flux_kohya = {k: v for k, v in state_dict.items() if _FLUX_KOHYA_KEY.match(k)}
+    flux_kohya = {k: v for k, v in state_dict.items() if _FLUX_KOHYA_KEY.fullmatch(k)}
     if flux_kohya:
         for key, value in from_kohya_flux(flux_kohya).items():
             module, kind = _split_lora_key(key)
@@ -340,7 +354,7 @@ def normalize_lora(
             if module is None:
                 raise InvalidAdapter(f"key {raw_key!r} names no module of the base model")
             if rest == "alpha":
-                alphas[module] = float(value)
+                alphas[module] = alpha_value(raw_key, value)
                 continue
             kind = {"lora_down.weight": "A", "lora_up.weight": "B"}.get(rest)
             if kind is None:
@@ -352,12 +366,12 @@ def normalize_lora(
         key = key.replace(".processor.", ".").replace("_lora.down.", ".lora.down.").replace("_lora.up.", ".lora.up.")
         key = re.sub(r"\.to_out_lora\.", ".to_out.0.lora.", key)
         if key.endswith(".alpha"):
-            alphas[key[: -len(".alpha")]] = float(value)
+            alphas[key[: -len(".alpha")]] = alpha_value(raw_key, value)
             continue
-        match = re.match(r"^(.*)\.(lora_A|lora\.down|lora_down)(\.[^.]+)?\.weight$", key)
+        match = re.fullmatch(r"(.*)\.(lora_A|lora\.down|lora_down)(\.[^.]+)?\.weight", key)
         kind = "A"
         if match is None:
-            match = re.match(r"^(.*)\.(lora_B|lora\.up|lora_up)(\.[^.]+)?\.weight$", key)
+            match = re.fullmatch(r"(.*)\.(lora_B|lora\.up|lora_up)(\.[^.]+)?\.weight", key)
             kind = "B"
         if match is None:
             raise InvalidAdapter(f"key {raw_key!r} is not a LoRA weight this importer understands")

@@ -20,12 +20,36 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipelines import formats
+from pipelines import checks, formats
 from pipelines.errors import BlockStudioError, InvalidAdapter
-from pipelines.models import load_pipeline, resolve_model
+from pipelines.models import building_modules, load_pipeline, resolve_model
 from pipelines.package import AdapterPackage
 
 _PLACEHOLDER = re.compile(r"\[(c|s)\]", re.IGNORECASE)
+MIN_SCALE, MAX_SCALE = -2.0, 3.0  # beyond these an adapter's delta swamps the base model
+MAX_STEPS = 150
+MAX_SIDE = 2048
+MAX_IMAGES = 8
+
+
+def check_sampling(*, seed: object = 0, steps: object = None, guidance: object = None, width: object = None,
+                   height: object = None, num_images: object = 1) -> dict:
+    """Sampling settings as plain numbers, refusing NaN, infinities, bools and values out of range.
+
+    None means the model's default (steps, guidance, size).
+    """
+    values = {
+        "seed": checks.seed(seed),
+        "steps": None if steps is None else checks.whole_number(steps, "steps", 1, MAX_STEPS),
+        "guidance": None if guidance is None else checks.real_number(guidance, "guidance", 0.0, 30.0),
+        "num_images": checks.whole_number(num_images, "number of images", 1, MAX_IMAGES),
+    }
+    for label, value in (("width", width), ("height", height)):
+        side = None if value is None else checks.whole_number(value, label, 64, MAX_SIDE)
+        if side is not None and side % 8:
+            raise checks.InvalidSetting(f"{label} must be a multiple of 8 between 64 and {MAX_SIDE}, not {side}")
+        values[label] = side
+    return values
 
 
 def expand_prompt(prompt: str, content_token: str | None, style_token: str | None) -> str:
@@ -75,6 +99,9 @@ class AdapterChoice:
                 extras: tuple[str, ...] = ()) -> AdapterChoice:
         """The part `package` records for `use` ("mix", "content", "reembed", "style")."""
         return cls(package, package.part_for(use), scale, tuple(extras))
+
+    def __post_init__(self) -> None:
+        self.scale = checks.real_number(self.scale, f"{self.part} scale", MIN_SCALE, MAX_SCALE)
 
     @property
     def file(self) -> Path:
@@ -152,13 +179,14 @@ class StudioPipeline:
         # padded size; any other swap deletes the slot's adapter and loads the new one.
         hotswap = (current is not None and self.hotswap_rank is not None and rank <= self.hotswap_rank
                    and self._targets.get(slot) == targets)
-        if hotswap:
-            self.pipe.load_lora_weights(**source, adapter_name=slot, hotswap=True)
-            self.hotswaps += 1
-        else:
-            if current is not None:
-                self.pipe.delete_adapters(slot)
-            self.pipe.load_lora_weights(**source, adapter_name=slot)
+        with building_modules():
+            if hotswap:
+                self.pipe.load_lora_weights(**source, adapter_name=slot, hotswap=True)
+                self.hotswaps += 1
+            else:
+                if current is not None:
+                    self.pipe.delete_adapters(slot)
+                self.pipe.load_lora_weights(**source, adapter_name=slot)
         self._loaded[slot] = key
         self._targets[slot] = targets
         self.adapter_loads += 1
@@ -259,10 +287,11 @@ def sample_with_parts(pipe, parts: dict[str, dict[str, torch.Tensor]], prompt: s
     prefix = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     names = []
     try:
-        for role, state in parts.items():
-            name = f"sample_{role}"
-            pipe.load_lora_weights(formats.to_diffusers(state, prefix), adapter_name=name)
-            names.append(name)
+        with building_modules():
+            for role, state in parts.items():
+                name = f"sample_{role}"
+                pipe.load_lora_weights(formats.to_diffusers(state, prefix), adapter_name=name)
+                names.append(name)
         if names:
             pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
         return _call(pipe, prompt, resolution, steps, seed, spec.guidance)

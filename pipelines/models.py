@@ -7,14 +7,48 @@ works if its architecture is one the recipes know.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipelines.errors import ModelNotAvailable
+
+log = logging.getLogger(__name__)
+
+# Building torch modules is not thread-safe in this stack. diffusers' `from_pretrained`, PEFT's adapter
+# loading and accelerate's `init_empty_weights` build models on the meta device by replacing
+# `torch.nn.Module.register_parameter` for the whole process while they run. A module built by another thread
+# in that window gets meta tensors ("Cannot copy out of meta tensor"), and when two such windows overlap the
+# one that exits last puts back the other's replacement, so every later load in the process builds meta
+# tensors. Every place that builds modules or loads weights (pipelines, adapters, model skeletons, the tiny
+# models) therefore holds this one process-wide lock. It is held only while modules are built and weights
+# read, never while a model runs, so a generation waits at most for one load, and a training step never waits.
+_BUILD_LOCK = threading.RLock()
+_building = threading.local()
+_REGISTER_PARAMETER = torch.nn.Module.__dict__["register_parameter"]
+
+
+@contextlib.contextmanager
+def building_modules() -> Iterator[None]:
+    """Hold the process-wide lock for building modules or loading weights (see `_BUILD_LOCK`)."""
+    with _BUILD_LOCK:
+        _building.depth = getattr(_building, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _building.depth -= 1
+            # A patch left behind by code that built modules outside this lock would break every later load;
+            # the outermost holder, with no load running anywhere, puts the original back.
+            if _building.depth == 0 and torch.nn.Module.__dict__["register_parameter"] is not _REGISTER_PARAMETER:
+                log.warning("torch.nn.Module.register_parameter was left patched by a model load; restored")
+                torch.nn.Module.register_parameter = _REGISTER_PARAMETER
 
 
 @dataclass(frozen=True)
@@ -99,7 +133,8 @@ def model_path(name: str) -> Path:
     if spec.tiny:
         from pipelines.tiny import tiny_model_path
 
-        return tiny_model_path(spec.name)
+        with building_modules():  # a first use builds the model from its config
+            return tiny_model_path(spec.name)
     if spec.repo_id is None:
         return Path(spec.name)
     from huggingface_hub import snapshot_download
@@ -159,8 +194,9 @@ def load_pipeline(name: str, *, device: torch.device | str | None = None, dtype:
     folder = model_path(name)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device, spec.arch)
-    pipe = DiffusionPipeline.from_pretrained(folder, **{_dtype_kwarg(): dtype})
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
+    with building_modules():
+        pipe = DiffusionPipeline.from_pretrained(folder, **{_dtype_kwarg(): dtype})
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
     pipe.blockstudio_model = spec  # which registry entry this pipeline came from
     return pipe

@@ -16,28 +16,31 @@ one, never a mixture.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from PIL import Image
 
 from pipelines import formats
+from pipelines.checks import check_weights
 from pipelines.errors import InvalidAdapter, UnsafeName
 from pipelines.storage import atomic_dir, write_json
 
 PACKAGE_FORMAT_VERSION = 1
 FULL_WEIGHTS = "pytorch_lora_weights.safetensors"
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\[\]<>\-]{1,32}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_\[\]<>\-]{1,32}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 RESERVED_TOKENS = {"[c]", "[s]"}
 
 
 def check_token(token: str) -> str:
     """A trigger token: short, no spaces, no path or prompt syntax beyond brackets (e.g. `[v42]`, `sks`)."""
-    if not isinstance(token, str) or not _TOKEN_RE.match(token):
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
         raise UnsafeName(
             f"token {token!r} is not allowed: use 1-32 letters, digits, '_', '-', '[', ']', '<', '>' (e.g. [v42])"
         )
@@ -48,7 +51,7 @@ def check_token(token: str) -> str:
 
 def check_name(name: str) -> str:
     """A package or file name that cannot leave its folder: no separators, no leading dot, 64 chars."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise UnsafeName(
             f"name {name!r} is not allowed: use up to 64 letters, digits, '_', '-', '.', starting with a letter or digit"
         )
@@ -129,14 +132,19 @@ def _kohya_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return formats.to_kohya(state, "lora_unet" if prefix == "unet" else f"lora_{prefix}")
 
 
-def write_package(out: str | Path, contents: PackageContents, *, card: str | None = None) -> Path:
-    """Write a whole package atomically into `out` and return its path."""
+def write_package(out: str | Path, contents: PackageContents, *, card: str | None = None,
+                  replace: bool = False) -> Path:
+    """Write a whole package atomically into `out` and return its path.
+
+    An existing `out` is replaced only with `replace`; otherwise the write fails and leaves it as it is.
+    """
     out = Path(out)
     name = check_name(contents.name)
+    check_weights(contents.full, name)
     info = dict(contents.info)
     info.setdefault("name", name)
     files = {"full": FULL_WEIGHTS}
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, replace=replace) as staging:
         prefix = contents.prefix
         peft_meta = formats.peft_metadata(contents.full, prefix)
         formats.write_safetensors(staging / FULL_WEIGHTS, formats.to_diffusers(contents.full, prefix),
@@ -205,6 +213,26 @@ def _names(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def package_files(folder: str | Path, *, hidden: bool = False) -> list[Path]:
+    """The regular files of a package folder, sorted; links (to files or folders) are never followed or listed,
+    and names starting with a dot (staging leftovers, editor files) are left out unless `hidden`."""
+    folder = Path(folder)
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if (hidden or not d.startswith(".")) and not os.path.islink(Path(root, d)))
+        for name in files:
+            path = Path(root, name)
+            if (hidden or not name.startswith(".")) and stat.S_ISREG(os.lstat(path).st_mode):
+                found.append(path)
+    return sorted(found)
+
+
+def has_links(folder: str | Path) -> bool:
+    """Whether a package folder holds any symbolic link."""
+    return any(os.path.islink(Path(root, n)) for root, dirs, files in os.walk(folder, followlinks=False)
+               for n in dirs + files)
+
+
 @dataclass
 class AdapterPackage:
     """A package folder read back from disk."""
@@ -216,7 +244,7 @@ class AdapterPackage:
     def open(cls, path: str | Path) -> AdapterPackage:
         path = Path(path)
         meta = path / "adapter.json"
-        if not meta.is_file():
+        if not meta.is_file() or meta.is_symlink():
             raise InvalidAdapter(f"{path} is not an adapter package (no adapter.json)")
         try:
             info = json.loads(meta.read_text())
@@ -249,7 +277,26 @@ class AdapterPackage:
         files = self.info.get("files", {})
         if part not in files:
             raise InvalidAdapter(f"package {self.name} has no {part!r} part (it has {', '.join(self.parts())})")
-        return self.path / files[part]
+        path = self.member(files[part]) if isinstance(files[part], str) else None
+        if path is None:
+            raise InvalidAdapter(f"package {self.name}: its {part!r} file is missing, or is a link or outside the package")
+        return path
+
+    def member(self, relative: str) -> Path | None:
+        """A regular file inside the package, never reached through a link; None otherwise."""
+        pure = PurePosixPath(relative)
+        if pure.is_absolute() or not pure.parts or any(p in ("", ".", "..") for p in pure.parts):
+            return None
+        path, mode = self.path, 0
+        for part in pure.parts:
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                return None
+            if stat.S_ISLNK(mode):
+                return None
+        return path if stat.S_ISREG(mode) else None
 
     def parts(self) -> list[str]:
         """The weight files the package holds, by part name (`full`, `content`, `style`, ...)."""
@@ -307,5 +354,5 @@ class AdapterPackage:
         return formats.normalize_lora(tensors, modules, component=prefix)
 
     def sample(self, stem: str) -> Path | None:
-        path = self.path / "samples" / f"{stem}.png"
-        return path if path.is_file() else None
+        """A preview image of the package (a regular file, never a link)."""
+        return self.member(f"samples/{stem}.png")

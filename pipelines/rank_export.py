@@ -102,20 +102,22 @@ def read_trained(package: AdapterPackage) -> tuple[AdapterConfig, dict[str, dict
     return config, modules
 
 
-def export_package(source: str | Path, rank: int, out: str | Path) -> Path:
+def export_package(source: str | Path, rank: int, out: str | Path, *, force: bool = False) -> Path:
     """Write the package in `source` at `rank` into `out` as an ordinary package; return `out`.
 
-    Everything is checked before anything is written; `out` must not exist yet (nothing is overwritten).
+    Everything is checked before anything is written. An existing package (or folder of other files) at `out`
+    is replaced only with `force`, and never the source package itself.
     """
     from pipelines.blora import split_by_block
 
     package = AdapterPackage.open(source)
     config, modules = read_trained(package)
     config.check_export_rank(rank, modules)
-    out = check_writable_target(out)
+    out = check_writable_target(out, force=force)
     check_name(out.name)
-    if out.exists():
-        raise ValueError(f"{out} exists already; export into a new folder")
+    if out.exists() and out.resolve() == package.path.resolve():
+        raise ValueError(f"{out} is the package being exported; export into another folder")
+    empty = out.is_dir() and not any(out.iterdir())
     info = {k: v for k, v in package.info.items()
             if k not in ("files", "created", "versions", "format_version", "sample_prompts", "name")}
     full = lora_state(config, modules, rank)
@@ -136,4 +138,4 @@ def export_package(source: str | Path, rank: int, out: str | Path) -> Path:
             losses = []
     contents = PackageContents(name=out.name, info=info, full=full, parts=parts, samples=samples,
                                loss_history=losses)
-    return write_package(out, contents)
+    return write_package(out, contents, replace=force or empty)

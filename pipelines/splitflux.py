@@ -90,8 +90,10 @@ from pipelines.adapters import (
     remove_adapters,
     visual_gate,
 )
+from pipelines.checks import real_number, whole_number
 from pipelines.errors import BlockStudioError
 from pipelines.images import to_pixels
+from pipelines.models import building_modules
 from pipelines.training import CachedLatents, RunRequest, TrainConfig, weight_dtype_for
 
 NUM_SINGLE_BLOCKS = 38
@@ -136,6 +138,9 @@ class QuantizationUnavailable(BlockStudioError):
 # -- block ranges ---------------------------------------------------------------------------------------
 
 
+MAX_BLOCK_INDEX = 1000  # far beyond FLUX.1's 38 single blocks; keeps a typo from building a huge range
+
+
 def parse_blocks(value: str | Iterable[int] | None) -> tuple[int, ...]:
     """`"0-9"`, `"10,11"`, `"12-37"`, `"none"` or a sequence of ints -> sorted unique block indices."""
     if value is None:
@@ -156,6 +161,8 @@ def parse_blocks(value: str | Iterable[int] | None) -> tuple[int, ...]:
             end = int(match[2]) if match[2] is not None else start
             if end < start:
                 raise BlockStudioError(f"block range {part!r} runs backwards")
+            if end >= MAX_BLOCK_INDEX:
+                raise BlockStudioError(f"block range {part!r} names blocks no Flux model has")
             indices.extend(range(start, end + 1))
     return tuple(sorted(set(indices)))
 
@@ -268,21 +275,23 @@ class SplitFluxSettings:
                 "style blocks must come after the content and boundary blocks (the style prompt enters at the "
                 "first style block)"
             )
-        if not 2 <= self.rank <= 1024:
-            raise BlockStudioError(f"rank must be between 2 and 1024, not {self.rank}")
+        self.rank = whole_number(self.rank, "rank", 2, 1024)
+        self.content_rank = whole_number(self.content_rank, "content rank", 1, 1024)
+        self.rca_alpha = whole_number(self.rca_alpha, "rca alpha", 1, 1024)
+        self.complementary_weight = real_number(self.complementary_weight, "complementary weight", 0.0, 100.0)
+        self.text_gate = real_number(self.text_gate, "text gate", 0.0, 1.0)
+        if self.export_gate is not None:
+            self.export_gate = real_number(self.export_gate, "export gate", 0.0, 1.0)
+        self.guidance = real_number(self.guidance, "training guidance", 0.0, 100.0)
+        self.resolution = whole_number(self.resolution, "resolution", 64, 4096)
+        self.max_sequence_length = whole_number(self.max_sequence_length, "max sequence length", 1, 512)
         if not 1 <= self.content_rank < self.rank:
             raise BlockStudioError(
                 f"content rank must be between 1 and rank - 1 ({self.rank - 1}) so the residual branch keeps a "
                 f"rank, not {self.content_rank}"
             )
-        if self.rca_alpha < 1 or self.rank % self.rca_alpha:
+        if self.rank % self.rca_alpha:
             raise BlockStudioError(f"rca alpha must be a positive divisor of the rank {self.rank}, not {self.rca_alpha}")
-        if not self.complementary_weight >= 0:
-            raise BlockStudioError(f"complementary weight must be 0 or more, not {self.complementary_weight}")
-        if not 0.0 <= self.text_gate <= 1.0:
-            raise BlockStudioError(f"text gate must lie in [0, 1], not {self.text_gate}")
-        if self.export_gate is not None and not 0.0 <= self.export_gate <= 1.0:
-            raise BlockStudioError(f"export gate must lie in [0, 1], not {self.export_gate}")
         for label, value, choices in (
             ("gate source", self.gate_source, GATE_SOURCES),
             ("style text routing", self.style_text, STYLE_TEXT_CHOICES),
@@ -297,10 +306,6 @@ class SplitFluxSettings:
             raise BlockStudioError(
                 f"resolution must be a multiple of 16 between 64 and 4096 for Flux, not {self.resolution}"
             )
-        if not 1 <= self.max_sequence_length <= 512:
-            raise BlockStudioError(f"max sequence length must be between 1 and 512, not {self.max_sequence_length}")
-        if not self.guidance >= 0:
-            raise BlockStudioError(f"training guidance must be 0 or more, not {self.guidance}")
         parse_targets(self.target_modules)
 
     def module_names(self) -> dict[str, list[str]]:
@@ -357,12 +362,13 @@ def load_flux_pipeline(model: str, *, quantize_base: str = "none", device: torch
     folder = model_path(model)
     dtype = dtype or torch.bfloat16
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    transformer = FluxTransformer2DModel.from_pretrained(
-        folder, subfolder="transformer", quantization_config=quantization, **{_dtype_kwarg(): dtype}
-    )
-    pipe = DiffusionPipeline.from_pretrained(folder, transformer=transformer, **{_dtype_kwarg(): dtype})
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(torch.device(device) if device is not None else torch.device("cuda"))
+    with building_modules():
+        transformer = FluxTransformer2DModel.from_pretrained(
+            folder, subfolder="transformer", quantization_config=quantization, **{_dtype_kwarg(): dtype}
+        )
+        pipe = DiffusionPipeline.from_pretrained(folder, transformer=transformer, **{_dtype_kwarg(): dtype})
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(torch.device(device) if device is not None else torch.device("cuda"))
     pipe.blockstudio_model = spec
     return pipe
 
@@ -425,7 +431,7 @@ class SplitFluxRecipe:
             "boundary": lambda base: RankConstrainedLinear(base, RankConstrainedConfig(rank=s.rank, alpha=s.rca_alpha)),
             "style": lambda base: LoRALinear(base, LoRAConfig(rank=s.rank, scale=1.0)),
         }
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), building_modules():
             torch.manual_seed(seed)
             for role in ROLES:
                 for name, layer in inject_adapters(transformer, names[role], makers[role]).items():
@@ -768,21 +774,17 @@ def prepare_request(request: SplitFluxRequest) -> PreparedRequest:
     from pipelines.models import resolve_model
     from pipelines.package import check_name, check_token, token_for_image
     from pipelines.storage import check_writable_target
-    from pipelines.training import work_dir_for
+    from pipelines.training import check_resume, check_run_request, work_dir_for
 
+    check_run_request(request)
     spec = resolve_model(request.model)
     if spec.arch != "flux":
         raise BlockStudioError(
             f"SplitFlux needs a Flux model; {request.model} is {spec.arch.upper()} (use B-LoRA for SDXL)"
         )
-    out = check_writable_target(request.out)
+    out = check_writable_target(request.out, force=request.force)
     check_name(out.name)
-    if request.steps < 1:
-        raise BlockStudioError(f"steps must be at least 1, not {request.steps}")
-    if not request.learning_rate > 0:
-        raise BlockStudioError(f"learning rate must be positive, not {request.learning_rate}")
-    if request.checkpoint_every < 0:
-        raise BlockStudioError(f"checkpoint interval must be 0 or more, not {request.checkpoint_every}")
+    check_resume(work_dir_for(out), request.resume)
     resolution = request.resolution or spec.resolution
     text_length = request.max_sequence_length or (TINY_TEXT_LENGTH if spec.tiny else 512)
     settings = SplitFluxSettings(
@@ -920,7 +922,7 @@ def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=No
                         result.loss_history[-1] if result.loss_history else None)
     contents = PackageContents(name=out.name, info=info, full=full, parts=parts, samples=samples,
                                loss_history=result.loss_history, prefix="transformer")
-    write_package(out, contents)
+    write_package(out, contents, replace=request.force)
     if not request.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -944,7 +946,8 @@ def sample_with_own_layers(pipe, parts: dict[str, dict[str, torch.Tensor]], prom
     def make(base):
         return LoRALinear(base, LoRAConfig(rank=1))
 
-    layers = inject_adapters(transformer, list(factors), make)
+    with building_modules():
+        layers = inject_adapters(transformer, list(factors), make)
     try:
         for module, layer in layers.items():
             a, b = factors[module]

@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 
 from pipelines.models import REGISTRY
-from pipelines.storage import atomic_file, home_dir
+from pipelines.storage import home_dir
 from studio.gpu import on_zero_gpu
 from studio.jobs import JobManager
 from studio.mixing import GenerationService
@@ -25,7 +25,7 @@ from studio.ui import reembed as reembed_tab
 from studio.ui import share as share_tab
 from studio.ui import train as train_tab
 from studio.ui.common import Studio, package_choices
-from studio.workspace import is_workspace_id, new_workspace_id, workspaces_root
+from studio.workspace import is_workspace_id, new_workspace_id, secret_file, workspaces_root
 
 MAX_UPLOAD = os.environ.get("BLOCKSTUDIO_MAX_UPLOAD", "1gb")  # a rank-64 SDXL package zip is about 500 MB
 
@@ -74,15 +74,14 @@ def default_models(gpu: bool) -> dict[str, str]:
 
 
 def browser_secret(home: Path) -> str:
-    """The key the browser's workspace id is stored under; stable across restarts so users find their work."""
+    """The key the browser's workspace id is stored under; stable across restarts so users find their work.
+
+    Gradio publishes it in the page, so it hides the id from nothing but casual reading; what makes an id
+    trustworthy is the server's signature on it (`studio.workspace`).
+    """
     if os.environ.get("BLOCKSTUDIO_SECRET"):
         return os.environ["BLOCKSTUDIO_SECRET"]
-    path = home / "browser-secret"
-    if not path.is_file():
-        with atomic_file(path) as tmp:
-            tmp.write_text(secrets.token_urlsafe(24))
-            tmp.chmod(0o600)
-    return path.read_text().strip()
+    return secret_file(home / "browser-secret", lambda: secrets.token_urlsafe(24))
 
 
 def banner(gpu: bool) -> tuple[str, str] | None:
@@ -145,7 +144,7 @@ def _wire_pages(demo: gr.Blocks, studio: Studio, train, library, mix, pages: lis
     pickers = [d for d, _ in studio.package_pickers]
 
     def open_workspace(current: str | None) -> str:
-        return current if is_workspace_id(current) else new_workspace_id()
+        return current if is_workspace_id(current, studio.home) else new_workspace_id(studio.home)
 
     def refresh_pickers(workspace_id: str | None, *selected: str | None):
         updates = []

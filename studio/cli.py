@@ -84,7 +84,7 @@ def _run_request_fields(args: argparse.Namespace) -> dict:
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, samples=not args.no_samples,
         sample_steps=args.sample_steps, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
-        resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints, force=args.force,
     )
 
 
@@ -143,10 +143,20 @@ def _run_training(run, out: str) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipelines.generation import AdapterChoice, StudioPipeline
+    from pipelines.generation import AdapterChoice, StudioPipeline, check_sampling
     from pipelines.package import AdapterPackage
     from pipelines.storage import atomic_file
 
+    sampling = check_sampling(seed=args.seed, steps=args.steps, guidance=args.guidance, width=args.width,
+                              height=args.height, num_images=args.num_images)
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"--out must end in .png, .jpg or .webp, not {out.name!r}")
+    paths = [out] if sampling["num_images"] == 1 else \
+        [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(sampling["num_images"])]
+    for path in paths:
+        if path.is_dir() or (path.exists() and not args.force):
+            raise ValueError(f"{path} already exists; pass --force to replace it, or choose another --out")
     content = None
     if args.content:
         package = AdapterPackage.open(args.content)
@@ -155,22 +165,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.with_boundary:
         raise ValueError("--with-boundary loads the boundary blocks of the --content package; give --content")
     style = AdapterChoice.for_use(AdapterPackage.open(args.style), "style", args.style_scale) if args.style else None
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise ValueError(f"--out must end in .png, .jpg or .webp, not {out.name!r}")
     model = args.model or (content or style).package.base_model if (content or style) else args.model
     if not model:
         raise ValueError("give --model (or an adapter package, whose base model is then used)")
     studio = StudioPipeline(model)
-    images = studio.generate(
-        args.prompt, content=content, style=style, seed=args.seed, steps=args.steps, guidance=args.guidance,
-        width=args.width, height=args.height, negative_prompt=args.negative_prompt, num_images=args.num_images,
-        fast=args.fast,
-    )
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-
-
-    for image, path in zip(images, paths, strict=False):
+    images = studio.generate(args.prompt, content=content, style=style, negative_prompt=args.negative_prompt,
+                             fast=args.fast, **sampling)
+    for image, path in zip(images, paths, strict=True):
         with atomic_file(path) as tmp:
             image.save(tmp, format=_pil_format(path))
         print(path)
@@ -184,7 +185,7 @@ def _pil_format(path: Path) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipelines.rank_export import export_package
 
-    path = export_package(args.package, args.rank, args.out)
+    path = export_package(args.package, args.rank, args.out, force=args.force)
     print(f"package at rank {args.rank} written to {path}")
     return 0
 
@@ -193,7 +194,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pipelines.importer import import_lora
 
     path = import_lora(args.file, args.out, model=args.model, token=args.token, method=args.method,
-                       pipe=None)
+                       pipe=None, force=args.force)
     print(f"imported into {path}")
     return 0
 
@@ -324,6 +325,11 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
     p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None,
                    help="8-bit optimizer state (B-LoRA: on by default on a GPU with bitsandbytes, as the official "
                         "command; SplitFlux: off unless given, the paper's Adam keeps 32-bit state)")
+    _add_force_option(p, "an existing package (or a folder of other files) at --out")
+
+
+def _add_force_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what}")
 
 
 def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
@@ -398,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--out", required=True, help="image file to write (.png, .jpg, .webp)")
+    _add_force_option(gen, "an existing image file at --out")
     gen.set_defaults(func=cmd_generate)
 
     export = sub.add_parser("export", help="write a DyLoRA or SoRA package again at another rank")
@@ -405,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--rank", type=int, required=True,
                         help="DyLoRA: any rank in its range; SoRA: up to the live ranks its gates kept")
     export.add_argument("--out", required=True, help="new folder for the package at that rank")
+    _add_force_option(export, "an existing package (or a folder of other files) at --out")
     export.set_defaults(func=cmd_export)
 
     imp = sub.add_parser("import", help="import a LoRA made elsewhere into an adapter package")
@@ -413,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--model", default="sdxl")
     imp.add_argument("--token", default=None, help="the trigger token it was trained with (default: [v])")
     imp.add_argument("--method", default="b-lora", choices=["b-lora"])
+    _add_force_option(imp, "an existing package (or a folder of other files) at --out")
     imp.set_defaults(func=cmd_import)
 
     ins = sub.add_parser("inspect", help="show a package's adapter.json or a file's safetensors metadata")
@@ -450,10 +459,19 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"blockstudio: error: {message}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, OverflowError) as exc:
+        print(f"blockstudio: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _one_line(exc: BaseException) -> str:
+    from pipelines.errors import is_disk_full
+
+    if is_disk_full(exc):
+        where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        return f"the disk is full{where}; free some space and run the command again (--resume continues a run)"
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(message).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.errors import BlockStudioError
+from pipelines.package import has_links
 
-_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 # Things that never belong on the Hub: unfinished runs, staging folders, editor leftovers.
 IGNORE = [".*", "**/.*", "*.partial/**", "*.tmp"]
 
@@ -49,7 +50,7 @@ def resolve_token(typed: str | None) -> str:
 
 def check_repo_id(repo_id: str) -> str:
     repo_id = (repo_id or "").strip()
-    if not _REPO_RE.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
+    if not _REPO_RE.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
         raise HubError("repository must look like your-name/adapter-name (letters, digits, '-', '_', '.')")
     return repo_id
 
@@ -62,6 +63,9 @@ def push_package(folder: str | Path, repo_id: str, *, token: str | None = None, 
     folder = Path(folder)
     if not (folder / "adapter.json").is_file() or not (folder / "README.md").is_file():
         raise HubError(f"{folder.name} is not a complete adapter package (adapter.json and README.md needed)")
+    if has_links(folder):
+        # upload_folder would follow them and publish whatever they point at.
+        raise HubError(f"{folder.name} holds links to other files, which are never uploaded; remove them first")
     repo_id = check_repo_id(repo_id)
     secret = resolve_token(token)
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)

@@ -91,7 +91,7 @@ METHODS: dict[str, Method] = {
 
 
 def method_for(key: str) -> Method:
-    if key not in METHODS:
+    if not isinstance(key, str) or key not in METHODS:
         raise ValueError(f"unknown method {key!r}; choose one of {', '.join(METHODS)}")
     method = METHODS[key]
     if not method.available:
@@ -105,7 +105,7 @@ def models_for(arch: str) -> list[ModelSpec]:
 
 def check_model(name: str, arch: str) -> ModelSpec:
     """Only registry models from the web: a path or arbitrary Hub id would let a visitor load anything."""
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"unknown base model {name!r}; choose one of the list")
     spec = resolve_model(name)
     if spec.arch != arch:

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from pipelines.errors import BlockStudioError
-from pipelines.generation import AdapterChoice, StudioPipeline, expand_prompt
+from pipelines.generation import AdapterChoice, StudioPipeline, check_sampling, expand_prompt
 from pipelines.models import REGISTRY, ModelSpec
 from pipelines.package import AdapterPackage
 from studio.workspace import Workspace
@@ -59,25 +59,14 @@ class GenerationSettings:
     fast: bool = False  # with steps None: the model's fast steps (SDXL 30 instead of 50)
 
     def checked(self) -> GenerationSettings:
-        seed = int(self.seed)
-        if not 0 <= seed < 2**32:
-            raise GenerationError("seed must be between 0 and 4294967295")
-        steps = int(self.steps) if self.steps else None
-        if steps is not None and not 1 <= steps <= 150:
-            raise GenerationError("steps must be between 1 and 150")
-        guidance = float(self.guidance) if self.guidance is not None else None
-        if guidance is not None and not 0 <= guidance <= 30:
-            raise GenerationError("guidance must be between 0 and 30")
-        sizes = []
-        for label, value in (("width", self.width), ("height", self.height)):
-            value = int(value) if value else None
-            if value is not None and (value % 8 or not 64 <= value <= 2048):
-                raise GenerationError(f"{label} must be a multiple of 8 between 64 and 2048")
-            sizes.append(value)
+        """The settings as plain numbers; 0 or blank steps, width and height mean the model's default."""
+        values = check_sampling(seed=self.seed, steps=self.steps or None, guidance=self.guidance,
+                                width=self.width or None, height=self.height or None)
         negative = (self.negative_prompt or "").strip()[:500] or None
         if not isinstance(self.fast, bool):
             raise GenerationError("fast must be true or false")
-        return GenerationSettings(seed, steps, guidance, sizes[0], sizes[1], negative, self.fast)
+        return GenerationSettings(values["seed"], values["steps"], values["guidance"], values["width"],
+                                  values["height"], negative, self.fast)
 
 
 def parse_scales(text: str, label: str) -> list[float]:

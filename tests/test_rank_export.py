@@ -104,13 +104,24 @@ def test_plain_lora_package_cannot_be_exported_at_another_rank(cat_package, tmp_
     assert "adapter" not in info and "dylora" not in info["files"]  # the default run is today's LoRA package
 
 
-def test_export_never_overwrites_a_folder(dylora_package, tmp_path, capsys):
+def test_export_replaces_nothing_without_force_and_never_its_source(dylora_package, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(["export", str(dylora_package), "--rank", "2", "--out", str(out)]) == 2
-    assert "exists already" in capsys.readouterr().err
+    assert "choose a new name" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+    cut = tmp_path / "cut"
+    assert main(["export", str(dylora_package), "--rank", "2", "--out", str(cut)]) == 0
+    assert main(["export", str(dylora_package), "--rank", "3", "--out", str(cut)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert json.loads((cut / "adapter.json").read_text())["rank"] == 2
+    assert main(["export", str(dylora_package), "--rank", "3", "--out", str(cut), "--force"]) == 0
+    assert json.loads((cut / "adapter.json").read_text())["rank"] == 3
+    assert main(["export", str(dylora_package), "--rank", "3", "--out", str(dylora_package), "--force"]) == 2
+    assert "is the package being exported" in capsys.readouterr().err
+    assert (dylora_package / "dylora.safetensors").is_file()
 
 
 def test_a_tampered_trained_file_is_refused(dylora_package, tmp_path, capsys):

@@ -104,7 +104,8 @@ def test_cancelled_retrain_leaves_the_previous_package_intact(cat_package, tmp_p
     from tests.conftest import EXAMPLES
 
     with pytest.raises(TrainingCancelled):
-        train_blora(TrainRequest(image=EXAMPLES / "coffee.jpg", out=target, model="tiny-sdxl", steps=5, rank=4),
+        train_blora(TrainRequest(image=EXAMPLES / "coffee.jpg", out=target, model="tiny-sdxl", steps=5, rank=4,
+                                 force=True),
                     on_progress=stop, cancel=cancel)
     after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
     assert after == before

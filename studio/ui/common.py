@@ -1,13 +1,16 @@
 """What every tab shares: the studio's services, the workspace of a request, and errors shown as messages.
 
 Handlers are wrapped by `handler`, which turns any exception into a one-line `gr.Error` in the page (with
-server paths removed); unexpected ones are logged with their traceback on the server only.
+server paths removed) that says what went wrong and what to do; unexpected ones are logged with their
+traceback on the server only. `upload_path` admits only files the server received as uploads.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +18,12 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.errors import BlockStudioError
+from pipelines.errors import BlockStudioError, explain
 from pipelines.package import AdapterPackage
 from studio.jobs import JobManager
 from studio.library import Library, PackageSummary
 from studio.mixing import GenerationService
-from studio.workspace import Workspace
+from studio.workspace import Workspace, scrub_paths
 
 log = logging.getLogger("studio.ui")
 
@@ -65,26 +68,25 @@ def handler(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (BlockStudioError, ValueError, KeyError, FileNotFoundError, PermissionError) as exc:
+        except (BlockStudioError, ValueError, KeyError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise gr.Error(one_line(_scrub(message, args)), print_exception=False) from None
         except Exception as exc:
-            log.exception("%s failed", fn.__name__)
-            raise gr.Error(
-                one_line(f"Something went wrong ({type(exc).__name__}); the details are in the server log."),
-                print_exception=False,
-            ) from None
+            explained = explain(exc)
+            if explained is None:
+                log.exception("%s failed", fn.__name__)
+                explained = (f"Something went wrong on the server ({type(exc).__name__}); try again, and if it "
+                             "keeps failing tell the admin (the details are in the server log).")
+            else:
+                log.warning("%s failed: %s", fn.__name__, exc)
+            raise gr.Error(one_line(_scrub(explained, args)), print_exception=False) from None
 
     return wrapper
 
 
 def _scrub(message: str, args: tuple) -> str:
-    """Remove the workspace's server path from a message when the first argument names a workspace."""
-    workspace_id = args[0] if args and isinstance(args[0], str) else None
-    try:
-        return Workspace(workspace_id or "").scrub(message) if workspace_id else message
-    except BlockStudioError:
-        return message
+    """Remove workspace folders (whose names are the ids) and the data folder from a message."""
+    return scrub_paths(message)
 
 
 def package_choices(studio: Studio, workspace_id: str | None, part: str | None = None) -> list[tuple[str, str]]:
@@ -108,15 +110,49 @@ def _has_part(summary: PackageSummary, part: str) -> bool:
         return False
 
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
+NOT_AN_UPLOAD = "that file did not come from an upload on this page; upload it again"
+
+
+class UploadRefused(BlockStudioError):
+    """A request names a file the server did not receive as an upload."""
+
+
 def upload_path(value: Any) -> str | None:
-    """The server path of an upload given to a handler registered with `preprocess=False`.
+    """The server path of an upload given to a handler registered with `preprocess=False`, checked.
 
     Gradio's own image decoding fails with a generic error on a broken file; taking the raw upload lets
-    `pipelines.images.load_image` check it and say what is wrong.
+    `pipelines.images.load_image` check it and say what is wrong. A raw value is whatever the client sent, so
+    its path is accepted only through `checked_upload`.
     """
-    if isinstance(value, dict):
-        return value.get("path")
-    return value or None
+    if value is None or value == "":
+        return None
+    path = value.get("path") if isinstance(value, dict) else value
+    return checked_upload(path)
+
+
+def checked_upload(path: Any) -> str:
+    """`path` if it is a file the server received as an upload (or a shipped example), else `UploadRefused`.
+
+    Uploads and the examples shown in the page live in Gradio's upload cache, under folders named by a hash of
+    their content with a per-server secret seed, so a path there can only be named by whoever received it.
+    Anything else (another file of the server, a link out of the cache) is refused with the same line whether
+    it exists or not, so a request cannot even learn which paths exist.
+    """
+    from gradio.utils import get_upload_folder
+
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise UploadRefused(NOT_AN_UPLOAD)
+    resolved = Path(os.path.realpath(path))
+    allowed = resolved.is_relative_to(Path(os.path.realpath(get_upload_folder()))) or (
+        resolved.parent == EXAMPLES and resolved.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    try:
+        regular = allowed and stat.S_ISREG(os.stat(resolved).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        raise UploadRefused(NOT_AN_UPLOAD)
+    return str(resolved)
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -9,7 +9,7 @@ import gradio as gr
 
 from studio.library import tokens_of
 from studio.methods import models_for
-from studio.ui.common import Studio, handler
+from studio.ui.common import Studio, checked_upload, handler
 
 EMPTY = ("Your library is empty. Train a package in the **Train** tab, or import a Block Studio package "
          "(.zip) or a B-LoRA .safetensors file below.")
@@ -106,8 +106,8 @@ def build(studio: Studio) -> LibraryTab:
     def import_package(workspace_id, path, name, model, token):
         if not path:
             raise gr.Error("Choose a .zip or .safetensors file to import.", print_exception=False)
-        imported = studio.library(workspace_id).import_file(path, name=name or None, model=model or "sdxl",
-                                                          token=token or None)
+        imported = studio.library(workspace_id).import_file(checked_upload(path), name=name or None,
+                                                          model=model or "sdxl", token=token or None)
         gr.Info(f"Imported {imported}.")
         return show_library(workspace_id, imported) + (None,)
 

@@ -17,8 +17,10 @@ from studio.mixing import GenerationSettings, parameters, parse_scales, recent_o
 from studio.ui.common import Studio, handler
 
 # Every generating event shares one queue served one request at a time: the warm pipeline's adapter slots
-# are shared state, and Gradio shows each waiting page its place in the line.
-GENERATE = dict(concurrency_id="generate", concurrency_limit=1)
+# are shared state, and Gradio shows each waiting page its place in the line. Their values reach the handlers
+# raw (preprocess=False) and are checked there (`GenerationSettings.checked`, `AdapterChoice`), so a bad number
+# gets a line naming its field rather than Gradio's unnamed bounds error or, for NaN, no message at all.
+GENERATE = dict(concurrency_id="generate", concurrency_limit=1, preprocess=False)
 DEFAULT_PART = "default"
 CONTENT_PARTS = [
     ("The part the package mixes with (SplitFlux: content branch)", DEFAULT_PART),
@@ -50,9 +52,9 @@ def settings_controls() -> list[gr.components.Component]:
 
 def make_settings(seed, steps, guidance, width, height, negative, fast=False) -> GenerationSettings:
     """The settings controls' values as `GenerationSettings` (checked when used)."""
-    return GenerationSettings(seed=int(seed or 0), steps=steps or None, guidance=guidance,
+    return GenerationSettings(seed=0 if seed is None else seed, steps=steps or None, guidance=guidance,
                               width=width or None, height=height or None, negative_prompt=negative or None,
-                              fast=bool(fast))
+                              fast=False if fast is None else fast)
 
 
 def part_controls() -> list[gr.components.Component]:

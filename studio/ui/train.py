@@ -19,6 +19,8 @@ from PIL import Image
 from pipelines.errors import BlockStudioError
 from pipelines.images import center_crop_square, load_image
 from pipelines.models import REGISTRY
+from pipelines.package import AdapterPackage
+from pipelines.storage import is_package
 from studio.jobs import JobRecord
 from studio.methods import ADAPTER_LABELS, METHODS, Method, models_for, training_defaults
 from studio.ui.common import Studio, format_seconds, handler, upload_path
@@ -93,7 +95,7 @@ def render_status(record: JobRecord | None, ahead: int | None) -> str:
                 "it from the other tabs.")
     elif record.resumable:
         where = (f"from its checkpoint at step {record.checkpoint_step}" if record.checkpoint_step
-                 else "from the start (no checkpoint was saved yet)")
+                 else "from the start" if record.restart else "from the start (no checkpoint was saved yet)")
         reason = f"{html.escape(record.error)}. " if record.error else ""
         note = f"{reason}Resume continues {where}."
     if record.resumed_from:
@@ -113,12 +115,12 @@ def _samples(studio: Studio, record: JobRecord | None) -> list[tuple[str, str]]:
     if record is None:
         return []
     items = []
-    if record.status == "done":
-        folder = studio.workspace_of(record.owner).packages / record.name / "samples"
+    package = studio.workspace_of(record.owner).packages / record.name
+    if record.status == "done" and is_package(package):
         for stem, caption in (("full", "content + style"), ("content", "content"), ("style", "style"),
                               ("input", "trained crop")):
-            if (folder / f"{stem}.png").is_file():
-                items.append((str(folder / f"{stem}.png"), caption))
+            if path := AdapterPackage(package, {}).sample(stem):
+                items.append((str(path), caption))
     for name in reversed(record.samples):
         path = studio.jobs.job_file(record, f"samples/{name}")
         if path.is_file():
@@ -140,7 +142,7 @@ def status_values(studio: Studio, record: JobRecord | None, send_samples: bool =
         gr.Button(visible=active, interactive=bool(record and record.status in ("queued", "running"))),
         gr.Button(visible=resumable, value=resume_label),
         gr.Button(visible=resumable),
-        record.to_dict() if record else {},
+        record.public_dict() if record else {},
         gr.Timer(active=active),
     )
 
