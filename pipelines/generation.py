@@ -90,6 +90,7 @@ class AdapterChoice:
     extras: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.scale = checks.real_number(self.scale, f"{self.part} scale", MIN_SCALE, MAX_SCALE)
         # A missing part fails here, before any model is loaded, in one line naming the parts the package has.
         for part in (self.part, *self.extras):
             self.package.file(part)
@@ -99,9 +100,6 @@ class AdapterChoice:
                 extras: tuple[str, ...] = ()) -> AdapterChoice:
         """The part `package` records for `use` ("mix", "content", "reembed", "style")."""
         return cls(package, package.part_for(use), scale, tuple(extras))
-
-    def __post_init__(self) -> None:
-        self.scale = checks.real_number(self.scale, f"{self.part} scale", MIN_SCALE, MAX_SCALE)
 
     @property
     def file(self) -> Path:

@@ -135,7 +135,7 @@ def test_numbers_that_are_not_settings_are_refused_and_nothing_is_queued(studio_
 def test_mixing_refuses_numbers_that_are_not_settings(trained, studio_server, scale, seed, steps, word):
     _, workspace = trained
     body = (f'{{"data": ["{workspace}", "cat", {scale}, "coffee", 1.0, "A [c] in [s] style", false, {seed}, '
-            f'{steps}, null, null, null, ""]}}')
+            f'{steps}, null, null, null, "", false, "default", false]}}')
     event, data = raw_call(studio_server, "mix", body)
     assert event == "error" and data["error"] and word in data["error"], data
 
