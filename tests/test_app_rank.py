@@ -76,7 +76,7 @@ def test_share_offers_no_rank_control_for_a_plain_or_an_exported_package(cat_pac
     from studio.library import Library
     from studio.workspace import Workspace, new_workspace_id
 
-    workspace = Workspace(new_workspace_id(), tmp_path)
+    workspace = Workspace(new_workspace_id(tmp_path), tmp_path)
     shutil.copytree(cat_package, workspace.packages / "cat")
     library = Library(workspace, shared=tmp_path / "none")
     assert library.rank_range("cat") is None
