@@ -11,12 +11,12 @@ import json
 from pipelines.package import describe_part
 
 LICENSES = {"sdxl": "openrail++", "flux": "other"}
+# The Hub ids of the base models. The tiny offline models have none: their cards name no `base_model`, since
+# an adapter for tiny-sdxl does not load into SDXL (same block names, other widths).
 BASE_IDS = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "tiny-sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-    "tiny-flux": "black-forest-labs/FLUX.1-dev",
 }
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
 SAMPLE_PROMPTS = {
@@ -41,8 +41,9 @@ def render_model_card(info: dict) -> str:
     prompt = info.get("prompt", f"A {token}")
     tiny = base.startswith("tiny-")
     samples = [s for s in info.get("files", {}).get("samples", []) if not s.endswith("input.png")]
-    lines = ["---", f"base_model: {_yaml_str(base_id)}", "library_name: diffusers",
-             f"license: {LICENSES.get(arch, 'other')}", f"instance_prompt: {_yaml_str(prompt)}", "tags:"]
+    lines = ["---"] + ([] if tiny else [f"base_model: {_yaml_str(base_id)}"]) + [
+        "library_name: diffusers", f"license: {LICENSES.get(arch, 'other')}", f"instance_prompt: {_yaml_str(prompt)}",
+        "tags:"]
     tags = ["text-to-image", "lora", "diffusers", "template:sd-lora", method, "blockstudio",
             "stable-diffusion-xl" if arch == "sdxl" else "flux"]
     lines += [f"- {t}" for t in tags]
@@ -61,6 +62,11 @@ def render_model_card(info: dict) -> str:
     pipeline = PIPELINES.get(arch, "DiffusionPipeline")
     content_prompt = f"A {token}" if method == "b-lora" else f"A {token} object"
     dtype = "bfloat16" if arch == "flux" else "float16"
+    if tiny:
+        load_base = [f"from pipelines.models import model_path  # {base} is built by Block Studio, not on the Hub",
+                     "", f'pipe = {pipeline}.from_pretrained(model_path("{base}"))']
+    else:
+        load_base = ["", f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.{dtype}).to("cuda")']
     body = [
         "",
         f"# {name}",
@@ -69,7 +75,8 @@ def render_model_card(info: dict) -> str:
         f"Trigger token: `{token}`; training prompt: `{prompt}`.",
     ]
     if tiny:
-        body += ["", "> Trained on a tiny random-weight model for trying the workflow; it does not make real images."]
+        body += ["", f"> Trained on `{base}`, a tiny random-weight model Block Studio builds offline for trying the "
+                 "workflow; it does not make real images, and it loads into that model only."]
     if samples:
         body += ["", "<Gallery />"]
     body += [
@@ -92,8 +99,7 @@ def render_model_card(info: dict) -> str:
         "```python",
         "import torch",
         f"from diffusers import {pipeline}",
-        "",
-        f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.{dtype}).to("cuda")',
+        *load_base,
         f'pipe.load_lora_weights("{name}", weight_name="{mix_part}.safetensors", adapter_name="content")',
         'pipe.load_lora_weights("<another package>", weight_name="style.safetensors", adapter_name="style")',
         'pipe.set_adapters(["content", "style"], adapter_weights=[1.0, 1.0])',

@@ -102,16 +102,27 @@ def _file_metadata(info: dict, part: str) -> dict[str, object]:
     return meta
 
 
-def _kohya_metadata(info: dict, part: str, state_dict: dict[str, torch.Tensor]) -> dict[str, object]:
-    ranks = sorted({int(a.shape[0]) for a, _ in formats.lora_modules(state_dict).values()})
+def _network_dims(kohya: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """`ss_network_dim` and `ss_network_alpha` as the tensors hold them: one value, or "Dynamic" when the
+    modules differ (what sd-scripts' resize tool writes for mixed ranks)."""
+    dims = {int(v.shape[0]) for k, v in kohya.items() if k.endswith(".lora_down.weight")}
+    alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
+    return (str(dims.pop()) if len(dims) == 1 else "Dynamic",
+            f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic")
+
+
+def _kohya_metadata(info: dict, part: str, kohya: dict[str, torch.Tensor]) -> dict[str, object]:
     arch = info.get("arch", "sdxl")
     meta = _file_metadata(info, part)
     # A style part answers to the style token where the method trains one of its own (SplitFlux).
     trigger = (info.get("style_token") or info.get("token")) if part == "style" else info.get("token")
+    dim, alpha = _network_dims(kohya)
+    if arch == "sdxl":
+        # sd-scripts' own module names (see formats.to_kohya), so its network module may be named.
+        meta["ss_network_module"] = "networks.lora"
     meta.update({
-        "ss_network_module": "networks.lora" if arch == "sdxl" else "networks.lora_flux",
-        "ss_network_dim": str(ranks[-1]),
-        "ss_network_alpha": str(ranks[-1]),
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
         "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "flux1",
         "ss_output_name": f"{info.get('name', 'adapter')}_{part}",
         "ss_training_comment": f"{info.get('method')} {part}; trigger {trigger}",
@@ -126,10 +137,14 @@ def _kohya_metadata(info: dict, part: str, state_dict: dict[str, torch.Tensor]) 
 
 
 def _kohya_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    # Flux files use sd-scripts' names of the original model, the form ComfyUI, Forge and diffusers all read.
     if prefix == "transformer":
         return formats.to_kohya_flux(state)
     return formats.to_kohya(state, "lora_unet" if prefix == "unet" else f"lora_{prefix}")
+
+
+def _write_kohya(path: Path, info: dict, part: str, state: dict[str, torch.Tensor], prefix: str) -> None:
+    kohya = _kohya_state(state, prefix)
+    formats.write_safetensors(path, kohya, _kohya_metadata(info, part, kohya))
 
 
 def write_package(out: str | Path, contents: PackageContents, *, card: str | None = None,
@@ -149,16 +164,14 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
         peft_meta = formats.peft_metadata(contents.full, prefix)
         formats.write_safetensors(staging / FULL_WEIGHTS, formats.to_diffusers(contents.full, prefix),
                                   {**_file_metadata(info, "full"), **peft_meta})
-        formats.write_safetensors(staging / "kohya" / f"{name}.safetensors", _kohya_state(contents.full, prefix),
-                                  _kohya_metadata(info, "full", contents.full))
+        _write_kohya(staging / "kohya" / f"{name}.safetensors", info, "full", contents.full, prefix)
         files["kohya"] = f"kohya/{name}.safetensors"
         for role, state in contents.parts.items():
             check_name(role)
             formats.write_safetensors(staging / f"{role}.safetensors", formats.to_diffusers(state, prefix),
                                       {**_file_metadata(info, role), **formats.peft_metadata(state, prefix)})
             files[role] = f"{role}.safetensors"
-            formats.write_safetensors(staging / "kohya" / f"{name}_{role}.safetensors",
-                                      _kohya_state(state, prefix), _kohya_metadata(info, role, state))
+            _write_kohya(staging / "kohya" / f"{name}_{role}.safetensors", info, role, state, prefix)
             files[f"kohya_{role}"] = f"kohya/{name}_{role}.safetensors"
         for stem, tensors in contents.extra_files.items():
             check_name(stem)

@@ -507,12 +507,6 @@ def train(
             step += 1
             loss_value = float(loss.detach().item())
             loss_history.append(loss_value)
-            if on_progress is not None:
-                elapsed = time.perf_counter() - started
-                done = step - start_step
-                rate = done / elapsed if elapsed > 0 else 0.0
-                eta = (config.steps - step) / rate if rate > 0 else math.inf
-                on_progress(ProgressEvent(step, config.steps, loss_value, elapsed, rate, eta, terms))
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 path = save_checkpoint(work_dir, step, recipe, optimizer, generator, loss_history, config)
                 _prune_checkpoints(work_dir, config.checkpoints_to_keep)
@@ -521,6 +515,14 @@ def train(
                     on_checkpoint(step, path)
             if on_sample is not None and config.sample_every and step % config.sample_every == 0:
                 on_sample(step)
+            if on_progress is not None:
+                # Reported once the step's checkpoint and preview are done: they are part of what a step
+                # costs, and the first step's speed would otherwise leave them out.
+                elapsed = time.perf_counter() - started
+                done = step - start_step
+                rate = done / elapsed if elapsed > 0 else 0.0
+                eta = (config.steps - step) / rate if rate > 0 else math.inf
+                on_progress(ProgressEvent(step, config.steps, loss_value, elapsed, rate, eta, terms))
     except TrainingCancelled:
         if step > last_saved:
             save_checkpoint(work_dir, step, recipe, optimizer, generator, loss_history, config)

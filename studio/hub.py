@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipelines.errors import BlockStudioError
 from pipelines.package import has_links
@@ -55,6 +57,26 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def _unreachable(exc: BaseException, endpoint: str) -> str | None:
+    """Why the Hub could not be asked at all (offline mode, no network, no such host, a timeout), in words; None
+    when the Hub answered (an HTTP error such as 401 says what the Hub said)."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(exc, HfHubHTTPError):
+        return None
+    if isinstance(exc, OfflineModeIsEnabled):
+        return "this server runs with HF_HUB_OFFLINE set, so it does not contact the Hub; unset it to push"
+    host = urlsplit(endpoint).netloc or endpoint
+    seen: BaseException | None = exc
+    while seen is not None:
+        transport = any(k.__name__ == "TransportError" for k in type(seen).__mro__)
+        if transport or isinstance(seen, (ConnectionError, socket.gaierror, TimeoutError)):
+            return (f"the Hub ({host}) cannot be reached from this server; check its network connection "
+                    "(or HF_ENDPOINT) and push again")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def push_package(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = True,
                  endpoint: str | None = None) -> PushResult:
     """Create (or reuse) the model repo and upload the package folder in one commit."""
@@ -77,6 +99,9 @@ def push_package(folder: str | Path, repo_id: str, *, token: str | None = None, 
             commit_message=f"Upload {folder.name} adapter package from Block Studio",
         )
     except Exception as exc:
+        reason = _unreachable(exc, api.endpoint)
+        if reason:
+            raise HubError(f"push to {repo_id} failed: {reason}") from None
         # Errors from the HTTP stack can echo headers or URLs; none of it may carry the token out.
         detail = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, secret)
         raise HubError(f"push to {repo_id} failed: {detail[:300]}") from None

@@ -84,12 +84,12 @@ class JobRecord:
     finished: float | None = None
     resumed_from: int | None = None
     runs: int = 0
+    restart: bool = False  # the next run starts over: its checkpoint could not be read back
     kind: str = "training"  # or "lab": an adapter-lab experiment (method names the lab method)
     fraction: float = 0.0  # lab jobs: how far the run is, 0..1
     message: str = ""  # lab jobs: what the run is doing now
     elapsed_s: float | None = None  # lab jobs: seconds since the run started
     result: str | None = None  # lab jobs: the result folder under the job's folder, once done
-    restart: bool = False  # the next run starts over: its checkpoint could not be read back
 
     @property
     def active(self) -> bool:
@@ -128,17 +128,19 @@ def one_line(exc: BaseException) -> str:
     return text[:300]
 
 
-def failure_message(exc: BaseException) -> str:
-    """What a failed job's record says: the error's own line for a user's mistake, else what happened and what to do."""
+def failure_message(exc: BaseException, what: str = "training") -> str:
+    """What a failed job's record says: the error's own line for a user's mistake, else what happened and what to do.
+
+    `what` names the work that stopped ("training", "the experiment")."""
     if isinstance(exc, BlockStudioError):
         return one_line(exc)
     if is_disk_full(exc):
-        return ("the server's disk is full, so training stopped; free some space (or ask the admin to), then "
+        return (f"the server's disk is full, so {what} stopped; free some space (or ask the admin to), then "
                 "resume: it continues from its last checkpoint")
     explained = explain(exc)
     if explained:
         return explained
-    return f"training failed ({type(exc).__name__}: {one_line(exc)}); the details are in the server log"
+    return f"{what} failed ({type(exc).__name__}: {one_line(exc)}); the details are in the server log"
 
 
 class JobManager:
@@ -216,7 +218,7 @@ class JobManager:
             found.append(record)
         for record in sorted(found, key=lambda r: r.created):
             self._records[record.id] = record
-            if record.status in ACTIVE + RESUMABLE and record.kind != "lab":
+            if record.kind != "lab" and record.status in ACTIVE + RESUMABLE:
                 # The job owns its package name until it is done or discarded, as before the restart.
                 if CLAIMS.claim(self._library(record).workspace.packages, [record.name], self._holder(record),
                                 on_disk=False) is None:
@@ -232,8 +234,7 @@ class JobManager:
 
     def _note_checkpoint(self, record: JobRecord) -> None:
         """Record the step a stopped job would resume from; a damaged checkpoint is named and the job starts over."""
-        if record.kind == "lab":  # a lab run keeps no checkpoints: it runs again from the start
-            record.checkpoint_step, record.restart = None, False
+        if record.kind == "lab":  # a lab run starts over: it keeps no checkpoint
             return
         out = Workspace(record.owner, self.home).packages / record.name
         checkpoint = latest_checkpoint(work_dir_for(out))
@@ -451,6 +452,14 @@ class JobManager:
                 self._library(record).release(record.name, self._holder(record))
             self._save_or_log(record)
 
+    def package_renamed(self, owner: str, old: str, new: str) -> None:
+        """A finished job's record follows its package to its new name (the job list, its samples)."""
+        with self._lock:
+            for record in self._records.values():
+                if record.owner == owner and record.status == "done" and record.name == old:
+                    record.name = new
+                    self._save(record)
+
     def close(self, timeout: float = 60.0) -> None:
         """Stop the worker; a running job is checkpointed and left `interrupted`, to resume after a restart."""
         with self._lock:
@@ -504,7 +513,7 @@ class JobManager:
         except Exception as exc:  # the page gets one line; the log gets the traceback of anything unexpected
             if not isinstance(exc, BlockStudioError) and explain(exc) is None:
                 log.exception("%s job %s failed", record.kind, record.id)
-            return "failed", failure_message(exc), None
+            return "failed", failure_message(exc, "the experiment" if record.kind == "lab" else "training"), None
 
     def _finish(self, record: JobRecord, outcome: str, error: str | None, damaged: CorruptCheckpoint | None) -> None:
         """Write a job's end into its record (the caller holds the lock)."""
@@ -544,8 +553,7 @@ class JobManager:
             token=settings.get("token"), sample_every=settings.get("sample_every") or 0,
             sample_steps=settings.get("sample_steps"), checkpoint_every=max(1, min(250, steps // 10)),
             samples=True, resume=record.runs > 1 and not record.restart, restart=record.restart,
-            adapter=settings.get("adapter", "lora"),
-            **settings.get("extras", {}),
+            adapter=settings.get("adapter", "lora"), **settings.get("extras", {}),
         )
         first_event = [True]
 

@@ -29,6 +29,8 @@ class Method:
     extras: Callable[[int, dict], dict] | None = None
     # The adapters the recipe can train its blocks with (`adapter` of its request); the first is the default.
     adapters: tuple[str, ...] = ("lora",)
+    # What the Train form's token box shows while empty: the tokens this method makes by itself.
+    token_hint: str = "automatic"
 
     @property
     def available(self) -> bool:
@@ -81,11 +83,11 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("b-lora", "B-LoRA · SDXL", "sdxl", "pipelines.blora", "TrainRequest", "train_blora",
                "Content and style LoRA on two attention blocks of SDXL's first up-block (Frenkel et al., 2024).",
-               adapters=("lora", "dylora", "sora")),
+               token_hint="automatic, e.g. [v42]", adapters=("lora", "dylora", "sora")),
         Method("splitflux", "SplitFlux · Flux", "flux", "pipelines.splitflux", "SplitFluxRequest",
                "train_splitflux",
                "Content and style from Flux's single-stream blocks, with a re-embedding content part.",
-               extras=_splitflux_extras),
+               extras=_splitflux_extras, token_hint="content token, automatic, e.g. [c42] (style token [s42])"),
     )
 }
 

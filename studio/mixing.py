@@ -197,7 +197,11 @@ def compose_grid(images: list[Image.Image], row_scales: list[float], col_scales:
 
 def save_output(workspace: Workspace, image: Image.Image, parameters: dict) -> Path:
     """Write a result with its settings in the PNG (so a saved image says how it was made)."""
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.png"
+    # Names sort by time (the gallery shows the newest first), to the microsecond: results of one second
+    # would otherwise be ordered by their random part.
+    micros = time.time_ns() // 1000
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(micros // 10**6))
+    name = f"{stamp}-{micros % 10**6:06d}-{secrets.token_hex(3)}.png"
     path = workspace.outputs / name
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))

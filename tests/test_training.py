@@ -143,6 +143,21 @@ def test_progress_events_report_step_rate_and_eta(tmp_path):
     assert events[-1].eta_s == 0
 
 
+def test_reported_speed_counts_the_time_previews_take(tmp_path):
+    """A preview belongs to its step's time, also on the first step of a run (or of a resumed one)."""
+    import time
+
+    from pipelines.blora import TrainRequest, train_blora
+    from tests.conftest import EXAMPLES
+
+    events = []
+    train_blora(TrainRequest(image=EXAMPLES / "cat.jpg", out=tmp_path / "p", model="tiny-sdxl", steps=3, rank=4,
+                             sample_every=1, sample_steps=1, samples=False),
+                on_progress=events.append, on_sample=lambda step, image: time.sleep(0.5))
+    assert [e.step for e in events] == [1, 2, 3]
+    assert all(0 < e.steps_per_s <= 2.0 for e in events)  # each step took at least its 0.5 s preview
+
+
 def test_same_seed_same_adapter_and_other_seed_another(tmp_path):
     a = _weights(train_tiny(tmp_path / "a", steps=2, samples=False))
     b = _weights(train_tiny(tmp_path / "b", steps=2, samples=False))

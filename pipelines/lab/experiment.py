@@ -103,6 +103,9 @@ def _kind_of(hint: Any, name: str, owner: type) -> tuple[type, type | None]:
 class LabSettings:
     """The base of every experiment's settings: a seed, and a Hub model to use instead of the built-in one.
 
+    Settings are checked when made (`__post_init__` calls `validate`); a subclass that checks more overrides
+    `validate` and calls `super().validate()` first.
+
     Metadata keys of a field: `help` (a sentence), `label` (a short UI label), `min` / `max` (numbers, and every
     element of a tuple), `choices` (the allowed values, or allowed elements of a tuple), `widget` ("slider" or
     "number", optional). The defaults are the panel's full demo; `quick()` gives settings that run in seconds.
@@ -143,36 +146,46 @@ class LabSettings:
                 for f in dataclasses.fields(self)}
 
 
+def _show(value: Any) -> str:
+    """A value as a message quotes it: its repr, cut short (a request may send anything, of any size)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
 def _describe_range(spec: SettingField) -> str:
     if spec.minimum is not None and spec.maximum is not None:
-        return f"between {spec.minimum:g} and {spec.maximum:g}"
+        return f"between {_number(spec.minimum)} and {_number(spec.maximum)}"
     if spec.minimum is not None:
-        return f"at least {spec.minimum:g}"
-    return f"at most {spec.maximum:g}"
+        return f"at least {_number(spec.minimum)}"
+    return f"at most {_number(spec.maximum)}"
 
 
 def _check_number(spec: SettingField, value: Any, kind: type, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise LabSettingsError(f"{what} must be {'a whole number' if kind is int else 'a number'}, not {value!r}")
+        raise LabSettingsError(f"{what} must be {'a whole number' if kind is int else 'a number'}, not {_show(value)}")
     if not math.isfinite(value):
-        raise LabSettingsError(f"{what} must be a finite number, not {value!r}")
+        raise LabSettingsError(f"{what} must be a finite number, not {_show(value)}")
     if (spec.minimum is not None and value < spec.minimum) or (spec.maximum is not None and value > spec.maximum):
-        raise LabSettingsError(f"{what} must be {_describe_range(spec)}, not {value!r}")
+        raise LabSettingsError(f"{what} must be {_describe_range(spec)}, not {_show(value)}")
 
 
 def _check_scalar(spec: SettingField, value: Any, kind: type, what: str) -> None:
     if kind is bool:
         if not isinstance(value, bool):
-            raise LabSettingsError(f"{what} must be true or false, not {value!r}")
+            raise LabSettingsError(f"{what} must be true or false, not {_show(value)}")
     elif kind is str:
         if not isinstance(value, str):
-            raise LabSettingsError(f"{what} must be text, not {value!r}")
+            raise LabSettingsError(f"{what} must be text, not {_show(value)}")
         if len(value) > MAX_TEXT_LENGTH or any(ord(c) < 32 for c in value):
             raise LabSettingsError(f"{what} must be one line of at most {MAX_TEXT_LENGTH} characters")
     else:
         _check_number(spec, value, kind, what)
     if spec.choices is not None and value not in spec.choices:
-        raise LabSettingsError(f"{what} must be one of {', '.join(map(str, spec.choices))}, not {value!r}")
+        raise LabSettingsError(f"{what} must be one of {', '.join(map(str, spec.choices))}, not {_show(value)}")
 
 
 def _check_value(spec: SettingField, value: Any) -> None:
@@ -180,7 +193,7 @@ def _check_value(spec: SettingField, value: Any) -> None:
         _check_scalar(spec, value, spec.kind, spec.name)
         return
     if not isinstance(value, tuple):
-        raise LabSettingsError(f"{spec.name} must be a list of values, not {value!r}")
+        raise LabSettingsError(f"{spec.name} must be a list of values, not {_show(value)}")
     if not 1 <= len(value) <= MAX_TUPLE_LENGTH:
         raise LabSettingsError(f"{spec.name} must hold between 1 and {MAX_TUPLE_LENGTH} values, not {len(value)}")
     for item in value:
@@ -209,7 +222,7 @@ def _coerce_scalar(value: Any, kind: type, what: str) -> Any:
             number = float(text) if kind is float or not re.fullmatch(r"[+-]?\d+", text) else int(text)
         except ValueError:
             raise LabSettingsError(f"{what} must be {'a whole number' if kind is int else 'a number'}, "
-                                   f"not {value!r}") from None
+                                   f"not {_show(value)}") from None
         value = number
     if kind is int and isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
@@ -227,7 +240,9 @@ def _coerce(spec: SettingField, value: Any) -> Any:
             text = text[1:-1]
         value = [part for part in (p.strip() for p in text.split(",")) if part]
     if not isinstance(value, (list, tuple)):
-        raise LabSettingsError(f"{spec.name} must be a list of values such as 1, 2, 4, not {value!r}")
+        raise LabSettingsError(f"{spec.name} must be a list of values such as 1, 2, 4, not {_show(value)}")
+    if len(value) > MAX_TUPLE_LENGTH:
+        raise LabSettingsError(f"{spec.name} must hold between 1 and {MAX_TUPLE_LENGTH} values, not {len(value)}")
     return tuple(_coerce_scalar(v, spec.item, f"each value of {spec.name}") for v in value)
 
 
@@ -367,7 +382,8 @@ class LabResult:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> LabResult:
+    def load(cls, folder: str | Path, *, figures: bool = True) -> LabResult:
+        """Read a saved result; with `figures=False` only `figure_paths` is filled (no Figure is made)."""
         folder = Path(folder)
         path = folder / RESULT_FILE
         if not path.is_file() or path.is_symlink():
@@ -404,7 +420,8 @@ class LabResult:
         except (TypeError, ValueError):
             raise LabError(f"{path} holds a metric that is not a number") from None
         return cls(method=data["method"], summary=data["summary"], metrics=metrics, tables=tables,
-                   figures={name: _figure_of_png(p) for name, p in paths.items()}, settings=data["settings"],
+                   figures={name: _figure_of_png(p) for name, p in paths.items()} if figures else {},
+                   settings=data["settings"],
                    figure_paths=paths)
 
 

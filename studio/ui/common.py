@@ -19,7 +19,9 @@ from typing import Any
 import gradio as gr
 
 from pipelines.errors import BlockStudioError, explain
+from pipelines.models import REGISTRY
 from pipelines.package import AdapterPackage
+from studio.gpu import on_zero_gpu
 from studio.jobs import JobManager
 from studio.library import Library, PackageSummary
 from studio.mixing import GenerationService
@@ -39,7 +41,8 @@ class Studio:
     default_models: dict[str, str]  # arch -> model name
     hub_endpoint: str | None = None
     workspace: Any = None  # the gr.BrowserState holding the workspace id, set by build_app
-    package_pickers: list[tuple[gr.Dropdown, str | None]] = field(default_factory=list)
+    banner: Any = None  # the notice at the top of the page (without a GPU or on ZeroGPU), set by build_app
+    package_pickers: list[PackagePicker] = field(default_factory=list)
 
     def workspace_of(self, workspace_id: str | None) -> Workspace:
         return Workspace(workspace_id or "", self.home)
@@ -47,11 +50,41 @@ class Studio:
     def library(self, workspace_id: str | None) -> Library:
         return Library(self.workspace_of(workspace_id))
 
-    def package_picker(self, label: str, part: str | None, **kwargs: Any) -> gr.Dropdown:
-        """A dropdown of the workspace's packages (those that have `part`), kept fresh by the app."""
+    def package_picker(self, label: str, part: str | None, *, generates: bool = False,
+                       partner: gr.Dropdown | None = None, **kwargs: Any) -> gr.Dropdown:
+        """A dropdown of the workspace's packages, kept fresh by the app (see `PackagePicker`)."""
         dropdown = gr.Dropdown(label=label, choices=[], value=None, allow_custom_value=True, **kwargs)
-        self.package_pickers.append((dropdown, part))
+        self.package_pickers.append(PackagePicker(dropdown, part, generates, partner))
         return dropdown
+
+    def offers(self, model: str | None) -> bool:
+        """Whether this studio trains and generates with `model`: registry models, only tiny ones without a GPU."""
+        spec = REGISTRY.get(model or "")
+        return spec is not None and (self.gpu or spec.tiny)
+
+
+@dataclass
+class PackagePicker:
+    """What a package dropdown offers: packages with `part`; with `generates`, only those on a base model this
+    studio runs; with a `partner` dropdown, only those on the base model of the package chosen there (a mix
+    needs one base model)."""
+
+    dropdown: gr.Dropdown
+    part: str | None
+    generates: bool = False
+    partner: gr.Dropdown | None = None
+
+
+def banner(gpu: bool, model: str | None = None) -> tuple[str, str] | None:
+    """(kind, text) of the notice at the top of the page; `model` is the tiny model the chosen method uses."""
+    if not gpu:
+        return ("cpu", f"**No GPU here, so the studio runs on tiny random-weight models** (`{model or 'tiny-sdxl'}`). "
+                "They make noise, not pictures: they are for trying the whole workflow (train, mix, re-embed, "
+                "export, share) in seconds. Run Block Studio on a GPU for SDXL and Flux.")
+    if on_zero_gpu():
+        return ("zero", "**ZeroGPU.** Mixing and re-embedding get a GPU per request. Training runs for many "
+                "minutes and needs dedicated GPU hardware; on ZeroGPU, import adapters trained elsewhere.")
+    return None
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -89,18 +122,50 @@ def _scrub(message: str, args: tuple) -> str:
     return scrub_paths(message)
 
 
-def package_choices(studio: Studio, workspace_id: str | None, part: str | None = None) -> list[tuple[str, str]]:
-    """(label, value) pairs for a package dropdown; empty when the page has no workspace yet."""
+def _offered(studio: Studio, workspace_id: str | None, part: str | None, generates: bool,
+             base_model: str | None) -> list[PackageSummary]:
+    """The workspace's packages a dropdown offers (see `PackagePicker`); none when the page has no workspace."""
     try:
         summaries = studio.library(workspace_id).list()
     except BlockStudioError:
         return []
-    out = []
-    for s in summaries:
-        if part is not None and not _has_part(s, part):
-            continue
-        out.append((f"{s.title} · {s.token} · {s.base_model}", s.name))
-    return out
+    return [s for s in summaries
+            if (part is None or _has_part(s, part)) and (not generates or studio.offers(s.base_model))
+            and (base_model is None or s.base_model == base_model)]
+
+
+def picker_updates(studio: Studio, workspace_id: str | None, selected: list[str | None]) -> list[gr.Dropdown]:
+    """Fresh choices and a value for every package dropdown, given what each shows now (in registration order).
+
+    A choice still offered stays. Otherwise a dropdown takes the newest package; a mix's content dropdown
+    prefers the newest package that another package can be mixed with, and its style dropdown prefers another
+    package than the content one, so a fresh page does not mix a package with itself when it need not.
+    """
+    chosen: dict[int, str | None] = {}
+    bases: dict[int, str | None] = {}
+    partnered = {id(p.partner) for p in studio.package_pickers if p.partner is not None}
+    updates = []
+    for picker, current in zip(studio.package_pickers, selected, strict=True):
+        partner = id(picker.partner) if picker.partner is not None else None
+        base = bases.get(partner) if partner is not None else None
+        offered = _offered(studio, workspace_id, picker.part, picker.generates, base)
+        names = [s.name for s in offered]
+        if current in names:
+            value = current
+        elif partner is not None:
+            value = next((n for n in names if n != chosen.get(partner)), names[0] if names else None)
+        elif id(picker.dropdown) in partnered:
+            base_count: dict[str, int] = {}
+            for s in offered:
+                base_count[s.base_model] = base_count.get(s.base_model, 0) + 1
+            value = next((s.name for s in offered if base_count[s.base_model] > 1), names[0] if names else None)
+        else:
+            value = names[0] if names else None
+        chosen[id(picker.dropdown)] = value
+        bases[id(picker.dropdown)] = next((s.base_model for s in offered if s.name == value), None)
+        choices = [(f"{s.title} · {s.token} · {s.base_model}", s.name) for s in offered]
+        updates.append(gr.Dropdown(choices=choices, value=value))
+    return updates
 
 
 def _has_part(summary: PackageSummary, part: str) -> bool:
@@ -153,6 +218,14 @@ def checked_upload(path: Any) -> str:
     if not regular:
         raise UploadRefused(NOT_AN_UPLOAD)
     return str(resolved)
+
+
+def format_size(size: float) -> str:
+    """A file size a person reads at a glance: 812 B, 3.4 kB, 171.3 MB, 1.2 GB (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} B"
 
 
 def format_seconds(seconds: float | None) -> str:

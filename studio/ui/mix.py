@@ -13,7 +13,14 @@ import gradio as gr
 
 from pipelines.generation import AdapterChoice
 from studio.gpu import gpu
-from studio.mixing import GenerationSettings, parameters, parse_scales, recent_outputs, save_output
+from studio.mixing import (
+    GenerationError,
+    GenerationSettings,
+    parameters,
+    parse_scales,
+    recent_outputs,
+    save_output,
+)
 from studio.ui.common import Studio, handler
 
 # Every generating event shares one queue served one request at a time: the warm pipeline's adapter slots
@@ -36,25 +43,43 @@ class MixTab:
 
 
 def settings_controls() -> list[gr.components.Component]:
-    """Seed, steps, guidance, size, negative prompt and "fast"; blank means the base model's default."""
+    """Seed, steps, guidance, size, negative prompt and "fast"; blank means the base model's default.
+
+    The optional values are text boxes: a number box cannot stay blank (it fills with 0 when first shown),
+    and a 0 there is not the model's default.
+    """
     with gr.Row():
-        seed = gr.Number(value=0, label="Seed", precision=0, minimum=0)
-        steps = gr.Number(value=None, label="Steps", precision=0, minimum=1, maximum=150,
-                          info="blank: the model's default")
-        guidance = gr.Number(value=None, label="Guidance", minimum=0, maximum=30, info="blank: the model's default")
+        seed = gr.Number(value=0, label="Seed", precision=0)
+        steps = gr.Textbox(label="Steps", placeholder="the model's default", max_length=8)
+        guidance = gr.Textbox(label="Guidance", placeholder="the model's default", max_length=8)
     with gr.Row():
-        width = gr.Number(value=None, label="Width", precision=0, info="blank: the model's size")
-        height = gr.Number(value=None, label="Height", precision=0, info="blank: the model's size")
+        width = gr.Textbox(label="Width", placeholder="the model's size", max_length=8)
+        height = gr.Textbox(label="Height", placeholder="the model's size", max_length=8)
         negative = gr.Textbox(label="Negative prompt", max_length=500)
     fast = gr.Checkbox(value=False, label="Fast", info="blank steps: the model's fast setting (SDXL 30 instead of 50)")
     return [seed, steps, guidance, width, height, negative, fast]
 
 
+def optional_number(value, label: str, whole: bool = True) -> float | int | None:
+    """A settings box's value: None when blank, else the number it holds (one line naming the box if not)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = float("nan")
+    kind = "a whole number" if whole else "a number"
+    if number != number or number in (float("inf"), float("-inf")) or (whole and not number.is_integer()):
+        raise GenerationError(f"{label} must be {kind}, or blank for the model's default (not {str(value)[:20]!r})")
+    return int(number) if whole else number
+
+
 def make_settings(seed, steps, guidance, width, height, negative, fast=False) -> GenerationSettings:
     """The settings controls' values as `GenerationSettings` (checked when used)."""
-    return GenerationSettings(seed=0 if seed is None else seed, steps=steps or None, guidance=guidance,
-                              width=width or None, height=height or None, negative_prompt=negative or None,
-                              fast=False if fast is None else fast)
+    return GenerationSettings(seed=0 if seed is None else seed, steps=optional_number(steps, "steps"),
+                              guidance=optional_number(guidance, "guidance", whole=False),
+                              width=optional_number(width, "width"), height=optional_number(height, "height"),
+                              negative_prompt=negative or None, fast=False if fast is None else fast)
 
 
 def part_controls() -> list[gr.components.Component]:
@@ -83,10 +108,11 @@ def build(studio: Studio) -> MixTab:
         with gr.Column(scale=2):
             with gr.Row():
                 with gr.Column(min_width=220):
-                    content = studio.package_picker("Content from", "content", elem_id="mix-content")
+                    content = studio.package_picker("Content from", "content", generates=True, elem_id="mix-content")
                     content_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Content scale")
                 with gr.Column(min_width=220):
-                    style = studio.package_picker("Style from", "style", elem_id="mix-style")
+                    style = studio.package_picker("Style from", "style", generates=True, partner=content,
+                                                 elem_id="mix-style")
                     style_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Style scale")
             prompt = gr.Textbox(value="A [c] in [s] style", label="Prompt", max_length=300, elem_id="mix-prompt",
                                 info="[c] becomes the content package's token, [s] the style package's.")

@@ -20,13 +20,13 @@ def _column(studio: Studio, slot: str, title: str, templates: tuple[str, ...], e
     """One half of the tab: a package, its scale, prompts, a button and the results."""
     placeholder = "[c]" if slot == "content" else "[s]"
     gr.Markdown(f"### {title}\nThe {slot} adapter alone: `{placeholder}` stands for it.")
-    package = studio.package_picker(f"{slot.capitalize()} from", slot, elem_id=f"reembed-{slot}")
+    package = studio.package_picker(f"{slot.capitalize()} from", slot, generates=True, elem_id=f"reembed-{slot}")
     scale = gr.Slider(0, 2, value=1.0, step=0.05, label=f"{slot.capitalize()} scale")
     chosen = gr.CheckboxGroup(list(templates), value=list(templates[:4]), label="Ready prompts")
     free = gr.Textbox(label="Your prompts (one per line)", lines=2, placeholder=example)
     button = gr.Button("Generate", variant="primary", elem_id=f"reembed-{slot}-go")
     gallery = gr.Gallery(label=gallery_label, columns=4, height=300, object_fit="contain", fit_columns=False,
-                         buttons=["download", "fullscreen"], format="png")
+                         buttons=["download", "fullscreen"], format="png", elem_id=f"reembed-{slot}-gallery")
     return package, scale, chosen, free, button, gallery
 
 

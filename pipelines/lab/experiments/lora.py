@@ -133,7 +133,7 @@ def run(settings: LoRASweepSettings, progress: Progress) -> LabResult:
             title=f"Test accuracy against LoRA rank ({settings.task})", xlabel="rank r", ylabel="test accuracy"),
         "parameters_vs_rank": line_plot(
             {"adapter parameters": (ranks, [r["adapter parameters"] for r in sweep])}, logx=True,
-            title=f"Trainable adapter parameters against rank ({len(targets)} target kinds)",
+            title=f"Trainable adapter parameters against rank ({settings.targets})",
             xlabel="rank r", ylabel="parameters"),
         "training_loss": line_plot(
             dict(losses), title="Training loss per step", xlabel="step", ylabel="cross-entropy", logy=True,

@@ -122,7 +122,7 @@ def result_values(studio: Studio, record: JobRecord | None) -> list:
     if folder is None:
         return ([gr.Markdown(value="", visible=False)] + [gr.Image(value=None, visible=False)] * MAX_FIGURES
                 + [gr.Dataframe(value=None, visible=False)] * MAX_TABLES)
-    result = LabResult.load(folder)
+    result = LabResult.load(folder, figures=False)
     figures = list(result.figure_paths.items())
     tables = list(result.tables.items())
     summary = result.summary
@@ -216,7 +216,10 @@ def build(studio: Studio, experiment, tab: gr.Tab | None = None) -> LabPanel:
     method = experiment.method
     info = METHODS[method]
     key = api_key(method)
+    available, why = info.available()
     gr.Markdown(f"**{info.title}** · {info.paper}\n\n{experiment.description}\n\n*What it shows:* {info.property}")
+    if not available:
+        gr.Markdown(f"**Unavailable here:** {why}.", elem_id=f"lab-{key}-unavailable")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             specs = ordered_fields(experiment.settings_cls)
@@ -226,7 +229,7 @@ def build(studio: Studio, experiment, tab: gr.Tab | None = None) -> LabPanel:
             with gr.Accordion("Seed and model", open=False):
                 inputs += [component_for(s) for s in base]
             with gr.Row():
-                run = gr.Button("Run", variant="primary", elem_id=f"lab-{key}-run")
+                run = gr.Button("Run", variant="primary", interactive=available, elem_id=f"lab-{key}-run")
                 cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id=f"lab-{key}-cancel")
         with gr.Column(scale=3):
             status = gr.HTML(render_status(None, None), elem_id=f"lab-{key}-status")
@@ -234,7 +237,9 @@ def build(studio: Studio, experiment, tab: gr.Tab | None = None) -> LabPanel:
             images = []
             for start in range(0, MAX_FIGURES, 2):
                 with gr.Row():
-                    images += [gr.Image(visible=False, interactive=False, type="filepath", buttons=["fullscreen"])
+                    # No label badge: it would cover the figure's own title.
+                    images += [gr.Image(visible=False, interactive=False, type="filepath", show_label=False,
+                                        buttons=["fullscreen", "download"])
                                for _ in range(start, min(start + 2, MAX_FIGURES))]
             tables = [gr.Dataframe(visible=False, interactive=False, wrap=True) for _ in range(MAX_TABLES)]
             with gr.Accordion("Job record", open=False):
