@@ -16,6 +16,7 @@ SplitFlux. Their layers offer `export_lora` (standard LoRA factors with every sc
 """
 
 from pipelines.adapters.base import AdapterLayer, adapter_layers, inject_adapters, remove_adapters
+from pipelines.adapters.block_lora import BlockLoRAConfig, BlockLoRALinear, block_lora_parameter_count
 from pipelines.adapters.core import (
     METHODS,
     AdapterConfig,
@@ -41,8 +42,10 @@ from pipelines.adapters.core import (
     trainable_parameters,
     unmerge,
 )
+from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
 from pipelines.adapters.dylora import DyLoRAConfig, DyLoRALinear, export_rank, sample_rank, set_rank, truncate
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
+from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
 from pipelines.adapters.sora import (
     SoRAConfig,
@@ -67,15 +70,21 @@ from pipelines.adapters.visual_gated import (
 )
 
 __all__ = [
-    "METHODS",
     "AdapterConfig",
     "AdapterError",
     "AdapterLayer",
+    "BlockLoRAConfig",
+    "BlockLoRALinear",
+    "DVLoRAConfig",
+    "DVLoRALinear",
     "DyLoRAConfig",
     "DyLoRALinear",
     "LoRAConfig",
     "LoRALinear",
+    "METHODS",
     "MethodInfo",
+    "MissConfig",
+    "MissLinear",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
     "SoRAConfig",
@@ -89,6 +98,7 @@ __all__ = [
     "adapter_names",
     "adapter_state_dict",
     "add_adapter",
+    "block_lora_parameter_count",
     "complementary_loss",
     "count_parameters",
     "disabled",
@@ -97,12 +107,15 @@ __all__ = [
     "factor_parameters",
     "gate_optimizer",
     "gate_parameters",
+    "get_phase",
     "inject_adapters",
     "layers_of",
     "live_ranks",
     "load_adapter",
     "load_adapter_state_dict",
     "merge",
+    "miss_parameter_count",
+    "phase_at_step",
     "proximal_step_",
     "prune",
     "read_adapter_config",
@@ -113,9 +126,10 @@ __all__ = [
     "sample_rank",
     "save_adapter",
     "set_active",
+    "set_phase",
     "set_rank",
-    "sparsifying_schedule",
     "sora_optimizer",
+    "sparsifying_schedule",
     "sparsity_loss",
     "trainable_parameters",
     "truncate",

@@ -111,6 +111,7 @@ class AdapterConfig:
         slots = {slot.name: slot for slot in module_slots(model)}
         layers = [(slots[m], self.make_layer(slots[m].occupant, name, m)) for m in modules]
         for slot, layer in layers:
+            layer.train(slot.occupant.training)  # dropout and the like follow the mode of the model it joins
             slot.put(layer)
         return modules
 
