@@ -210,6 +210,9 @@ class Recipe(Protocol):
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
+    # Optional: `make_optimizer(params, config, device)` for a recipe whose adapter needs its own optimiser
+    # (SoRA's proximal gate step); without it the loop uses `make_optimizer` below.
+
 
 def resolve_mixed_precision(requested: str | None, device: torch.device) -> str:
     if requested is not None:
@@ -470,7 +473,8 @@ def train(
     recipe.setup(accelerator, config)
     module = recipe.trainable_module()
     params = recipe.trainable_parameters()
-    optimizer = make_optimizer(params, config, accelerator.device)
+    build_optimizer = getattr(recipe, "make_optimizer", make_optimizer)
+    optimizer = build_optimizer(params, config, accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
 
     generator = torch.Generator("cpu").manual_seed(config.seed)

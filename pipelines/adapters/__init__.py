@@ -8,6 +8,9 @@ Verbs: `add_adapter`, `set_active`, `disabled`, `merge` / `unmerge`, `adapter_st
 to its config class, title, paper and the property its lab demo shows. Each method lives in one module of
 this package (config, layer, and the method's own losses or steps beside them) and registers itself there.
 
+DyLoRA (`sample_rank`, `set_rank`, `export_rank`, `truncate`) and SoRA (`sparsity_loss`, `gate_optimizer`,
+`live_ranks`, `export_pruned`, `prune`) bring their own training steps and ways out as plain LoRA adapters.
+
 The studio's own training layers are here too: LoRA, the rank-constrained and the visual-gated layers of
 SplitFlux. Their layers offer `export_lora` (standard LoRA factors with every scale folded into `lora_B`).
 """
@@ -34,12 +37,14 @@ from pipelines.adapters.core import (
     read_adapter_config,
     register_method,
     remove_adapter,
+    replace_adapter,
     save_adapter,
     set_active,
     trainable_parameters,
     unmerge,
 )
 from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
+from pipelines.adapters.dylora import DyLoRAConfig, DyLoRALinear, export_rank, sample_rank, set_rank, truncate
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
 from pipelines.adapters.lq_lora import (
     LQLoRAConfig,
@@ -52,6 +57,21 @@ from pipelines.adapters.lq_lora import (
 )
 from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
+from pipelines.adapters.sora import (
+    SoRAConfig,
+    SoRALinear,
+    SparseAdamW,
+    export_pruned,
+    factor_parameters,
+    gate_optimizer,
+    gate_parameters,
+    live_ranks,
+    proximal_step_,
+    prune,
+    sora_optimizer,
+    sparsifying_schedule,
+    sparsity_loss,
+)
 from pipelines.adapters.visual_gated import (
     VisualGatedConfig,
     VisualGatedLoRALinear,
@@ -60,7 +80,6 @@ from pipelines.adapters.visual_gated import (
 )
 
 __all__ = [
-    "METHODS",
     "AdapterConfig",
     "AdapterError",
     "AdapterLayer",
@@ -70,16 +89,22 @@ __all__ = [
     "CBQLinear",
     "DVLoRAConfig",
     "DVLoRALinear",
+    "DyLoRAConfig",
+    "DyLoRALinear",
     "LoRAConfig",
     "LoRALinear",
     "LQLoRAConfig",
     "LQLoRALinear",
-    "QuantFormat",
+    "METHODS",
     "MethodInfo",
     "MissConfig",
     "MissLinear",
+    "QuantFormat",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
+    "SoRAConfig",
+    "SoRALinear",
+    "SparseAdamW",
     "VisualGatedConfig",
     "VisualGatedLoRALinear",
     "active_adapters",
@@ -94,10 +119,16 @@ __all__ = [
     "complementary_loss",
     "count_parameters",
     "disabled",
+    "export_pruned",
+    "export_rank",
+    "factor_parameters",
     "fisher_information",
+    "gate_optimizer",
+    "gate_parameters",
     "get_phase",
     "inject_adapters",
     "layers_of",
+    "live_ranks",
     "load_adapter",
     "load_adapter_state_dict",
     "lq_decompose",
@@ -106,14 +137,23 @@ __all__ = [
     "miss_parameter_count",
     "phase_at_step",
     "plan_lq_lora",
+    "proximal_step_",
+    "prune",
     "read_adapter_config",
     "register_method",
     "remove_adapter",
     "remove_adapters",
+    "replace_adapter",
+    "sample_rank",
     "save_adapter",
     "set_active",
     "set_phase",
+    "set_rank",
+    "sora_optimizer",
+    "sparsifying_schedule",
+    "sparsity_loss",
     "trainable_parameters",
+    "truncate",
     "unmerge",
     "visual_gate",
 ]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.adapters.cbq.layer import CBQConfig, CBQLinear
-from pipelines.adapters.core import AdapterError, adapter_config, disabled, layers_of
+from pipelines.adapters.core import AdapterError, adapter_config, disabled, layers_of, method_layers
 
 
 class _Captured(Exception):
@@ -86,13 +86,7 @@ def outlier_threshold(values: torch.Tensor, iqr_factor: float = 1.5, lam: float 
 
 
 def _cbq_layers(model: nn.Module, name: str) -> dict[int, CBQLinear]:
-    stacks = layers_of(model, name)
-    if not stacks:
-        raise AdapterError(f"the model has no adapter named {name!r}")
-    layers = {id(stack[0]): stack[0] for stack in stacks.values()}
-    if not all(isinstance(layer, CBQLinear) for layer in layers.values()):
-        raise AdapterError(f"adapter {name!r} is not a CBQ adapter")
-    return layers
+    return {id(layer): layer for layer in method_layers(model, name, CBQLinear, "CBQ").values()}
 
 
 def _block_layers(blocks: Sequence[nn.Module], layers: dict[int, CBQLinear]) -> list[list[CBQLinear]]:

@@ -41,7 +41,7 @@ from pipelines.adapters.base import AdapterLayer
 from pipelines.adapters.core import (
     AdapterConfig,
     AdapterError,
-    layers_of,
+    method_layers,
     module_slots,
     register_method,
     restoring_state,
@@ -142,12 +142,10 @@ class LQLoRAConfig(AdapterConfig):
             if fisher is not None and tuple(fisher.shape) != tuple(weight.shape):
                 raise AdapterError(f"LQ-LoRA fisher of {module} has shape {tuple(fisher.shape)}, expected "
                                    f"{tuple(weight.shape)}")
-        for module in modules:
-            slot = slots[module]
-            layer = LQLoRALinear(slot.occupant, self, adapter_name=name, module=module)
-            layer.train(slot.occupant.training)
-            slot.put(layer)
-        return modules
+        return super().inject(model, name, modules)
+
+    def make_layer(self, base: nn.Module, name: str, module: str = "") -> AdapterLayer:
+        return LQLoRALinear(base, self, adapter_name=name, module=module)  # the module name picks its format
 
 
 class LQLoRALinear(AdapterLayer):
@@ -230,10 +228,7 @@ def lq_lora_report(model: nn.Module, name: str = "default") -> dict[str, dict[st
     """Per adapted module: its format, bits a parameter of Q, the relative error ||W - (Q + s B A)|| / ||W||
     now, and the decomposition error of each iteration when the adapter was added."""
     report = {}
-    for module, stack in layers_of(model, name).items():
-        layer = stack[0]
-        if not isinstance(layer, LQLoRALinear):
-            raise AdapterError(f"adapter {name!r} is not an LQ-LoRA adapter")
+    for module, layer in method_layers(model, name, LQLoRALinear, "LQ-LoRA").items():
         with torch.no_grad():
             weight = layer.original_module().weight.float()
             approx = layer.quantized_weight() + layer.low_rank_weight()
@@ -241,8 +236,6 @@ def lq_lora_report(model: nn.Module, name: str = "default") -> dict[str, dict[st
         report[module] = {"format": layer.format.name, "numel": weight.numel(),
                           "bits_per_parameter": layer.storage_bits() / weight.numel(),
                           "relative_error": relative, "iteration_errors": list(layer.decomposition_errors)}
-    if not report:
-        raise AdapterError(f"the model has no adapter named {name!r}")
     return report
 
 

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from pipelines.adapters import CBQConfig, add_adapter, block_output_errors, cbq_calibrate, layers_of
 from pipelines.lab import Experiment, LabResult, LabSettings, LabSettingsError, Progress, register_experiment
-from pipelines.lab.experiments._text import corpus, decoder_blocks, perplexity
+from pipelines.lab.experiments._lm_corpus import corpus, decoder_blocks, perplexity
 from pipelines.lab.models import attention_targets, load_backbone, mlp_targets
 from pipelines.lab.plots import bar_plot, line_plot
 from pipelines.lab.training import seeded

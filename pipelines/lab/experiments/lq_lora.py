@@ -33,7 +33,7 @@ from pipelines.adapters import (
 from pipelines.adapters.lq_lora import allocation_table, paper_grid
 from pipelines.lab import Experiment, LabResult, LabSettings, LabSettingsError, Progress, register_experiment
 from pipelines.lab.data import LM_TASKS, lm_task
-from pipelines.lab.experiments._text import corpus, perplexity
+from pipelines.lab.experiments._lm_corpus import corpus, perplexity
 from pipelines.lab.models import attention_targets, load_backbone, mlp_targets
 from pipelines.lab.plots import heatmap, line_plot
 from pipelines.lab.training import evaluate_lm, fit, lm_loss, seeded
