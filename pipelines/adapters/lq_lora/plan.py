@@ -23,7 +23,7 @@ from torch import nn
 
 from pipelines.adapters.core import AdapterError, module_slots, target_names
 from pipelines.adapters.lq_lora.decompose import lq_decompose
-from pipelines.adapters.lq_lora.quant import QuantFormat
+from pipelines.adapters.lq_lora.quant import QuantFormat, paper_grid
 
 
 @dataclass
@@ -121,10 +121,8 @@ def plan_lq_lora(model: nn.Module, config, budget: float, formats: Sequence[str 
                  fisher: dict[str, torch.Tensor] | None = None,
                  callback: Callable[[float, str], None] | None = None):
     """`config` with one format per matrix (its `formats` field) meeting `budget` bits a parameter, and the
-    table it was solved from. `formats` defaults to the paper's grid of 432 NormalFloat formats (slow: every
+    table it was solved from. `formats` defaults to the paper's grid of 432 NormalFloat formats (every
     matrix is decomposed in each); `fisher` is kept in the returned config for `add_adapter`."""
-    from pipelines.adapters.lq_lora.quant import paper_grid
-
     table = allocation_table(model, config, formats if formats is not None else paper_grid(), fisher=fisher,
                              callback=callback)
     assignment = table.solve(budget)

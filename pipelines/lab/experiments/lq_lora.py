@@ -58,7 +58,7 @@ class LQLoRASettings(LabSettings):
         "help": "the budget whose allocation is shown and whose adapters are fine-tuned", "label": "Shown budget",
         "min": 2.0, "max": 16.0})
     grid: str = field(default="small", metadata={
-        "help": "formats to choose from: 'small' (8 NF formats) or 'paper' (the official 432; minutes)",
+        "help": "formats to choose from: 'small' (8 NF formats) or 'paper' (the official 432, each matrix decomposed in every one)",
         "label": "Format grid", "choices": GRIDS})
     fisher: bool = field(default=True, metadata={
         "help": "also plan and decompose with the empirical Fisher of calibration text (data-aware LQ-LoRA)",
