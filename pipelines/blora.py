@@ -69,6 +69,24 @@ def target_modules(unet: torch.nn.Module, blocks: dict[str, str] | None = None,
     return names
 
 
+def add_blora_adapter(unet: torch.nn.Module, settings: BLoRASettings, seed: int) -> list[str]:
+    """Put the B-LoRA adapter on `unet` (any device, meta included); return the adapted module names.
+
+    Gaussian init and lora_alpha == r: down ~ N(0, 1/r), up = 0, scale 1, as the official code. The init draws
+    from `seed` on the CPU, so a run is reproducible from its seed alone.
+    """
+    from peft import LoraConfig
+
+    names = target_modules(unet, settings.blocks, settings.projections)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(
+            LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian", target_modules=names),
+            adapter_name=ADAPTER_NAME,
+        )
+    return names
+
+
 def split_by_block(state_dict: dict[str, torch.Tensor], blocks: dict[str, str] | None = None
                    ) -> dict[str, dict[str, torch.Tensor]]:
     """Split an adapter state dict into {"content": ..., "style": ...} by block name."""
@@ -97,7 +115,6 @@ class BLoRARecipe:
     def setup(self, accelerator, config: TrainConfig) -> None:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         device = accelerator.device
         weight_dtype = weight_dtype_for(accelerator.mixed_precision)
@@ -128,16 +145,7 @@ class BLoRARecipe:
         unet.requires_grad_(False)
         unet.to(device, dtype=weight_dtype)
         if ADAPTER_NAME not in getattr(unet, "peft_config", {}):
-            self.module_names = target_modules(unet, self.settings.blocks, self.settings.projections)
-            # Gaussian init and lora_alpha == r: down ~ N(0, 1/r), up = 0, scale 1, as the official code.
-            # The init draws from the seed, so a run is reproducible from its seed alone.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                unet.add_adapter(
-                    LoraConfig(r=self.settings.rank, lora_alpha=self.settings.rank, init_lora_weights="gaussian",
-                               target_modules=self.module_names),
-                    adapter_name=ADAPTER_NAME,
-                )
+            self.module_names = add_blora_adapter(unet, self.settings, config.seed)
         unet.set_adapter(ADAPTER_NAME)
         cast_training_params(unet, torch.float32)
         gradient_checkpointing = config.gradient_checkpointing

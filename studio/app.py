@@ -68,7 +68,7 @@ def default_models(gpu: bool) -> dict[str, str]:
     """Base model per architecture: SDXL and Flux on a GPU, the tiny ones elsewhere; BLOCKSTUDIO_MODEL overrides."""
     models = {"sdxl": "sdxl", "flux": "flux-dev"} if gpu else {"sdxl": "tiny-sdxl", "flux": "tiny-flux"}
     chosen = os.environ.get("BLOCKSTUDIO_MODEL")
-    if chosen in REGISTRY:
+    if chosen in REGISTRY and not REGISTRY[chosen].random_weights:
         models[REGISTRY[chosen].arch] = chosen
     return models
 
