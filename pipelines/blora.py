@@ -87,6 +87,25 @@ def add_blora_adapter(unet: torch.nn.Module, settings: BLoRASettings, seed: int)
     return names
 
 
+# The modules diffusers checkpoints one by one inside the up-blocks: each resnet, each transformer layer.
+_UP_BLOCK_UNITS = re.compile(r"\d+\.(resnets\.\d+|attentions\.\d+\.transformer_blocks\.\d+)")
+
+
+def checkpointing_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules gradient checkpointing recomputes: those of the up-blocks, where B-LoRA's backward pass runs
+    (from `up_blocks.0` to the output; the down-blocks and the mid-block get no gradient)."""
+    return [m for name, m in unet.up_blocks.named_modules() if _UP_BLOCK_UNITS.fullmatch(name)]
+
+
+def enable_backward_checkpointing(unet: torch.nn.Module) -> None:
+    """Gradient checkpointing on the up-blocks only: the blocks before them keep no activations anyway, since
+    nothing there needs a gradient, so checkpointing them would only add work."""
+    unet.enable_gradient_checkpointing()
+    for name, module in unet.named_modules():
+        if hasattr(module, "gradient_checkpointing") and not name.startswith("up_blocks."):
+            module.gradient_checkpointing = False
+
+
 def split_by_block(state_dict: dict[str, torch.Tensor], blocks: dict[str, str] | None = None
                    ) -> dict[str, dict[str, torch.Tensor]]:
     """Split an adapter state dict into {"content": ..., "style": ...} by block name."""
@@ -152,7 +171,7 @@ class BLoRARecipe:
         if gradient_checkpointing is None:
             gradient_checkpointing = device.type == "cuda"
         if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_backward_checkpointing(unet)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
