@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.images import to_pixels
-from pipelines.training import CachedLatents, RunRequest, TrainConfig, weight_dtype_for
+from pipelines.training import (
+    CachedLatents,
+    RunRequest,
+    TrainConfig,
+    gradient_checkpointing_for,
+    loop_options,
+    resolve_levers,
+    weight_dtype_for,
+)
 
 CONTENT_BLOCK = "up_blocks.0.attentions.0"
 STYLE_BLOCK = "up_blocks.0.attentions.1"
@@ -167,11 +175,21 @@ class BLoRARecipe:
             self.module_names = add_blora_adapter(unet, self.settings, config.seed)
         unet.set_adapter(ADAPTER_NAME)
         cast_training_params(unet, torch.float32)
-        gradient_checkpointing = config.gradient_checkpointing
-        if gradient_checkpointing is None:
-            gradient_checkpointing = device.type == "cuda"
-        if gradient_checkpointing:
+        levers = resolve_levers(config, device)
+        if levers["channels_last"]:
+            unet.to(memory_format=torch.channels_last)
+        self.checkpointing = gradient_checkpointing_for(
+            config.gradient_checkpointing, device, lambda: self.step_cost(levers).memory_bytes(False))
+        if self.checkpointing:
             enable_backward_checkpointing(unet)
+
+    def step_cost(self, levers: dict):
+        """The cost model's view of one step of this run (`pipelines/cost.py`)."""
+        from pipelines.cost import blora_step_cost
+
+        return blora_step_cost(resolution=self.settings.resolution, rank=self.settings.rank,
+                               optimizer="adamw8bit" if levers["use_8bit_adam"] else "adamw",
+                               unet_config=self.unet.config)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
@@ -289,9 +307,7 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
 
     config = default_train_config(
         steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
-        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every,
-        mixed_precision=request.mixed_precision, gradient_checkpointing=request.gradient_checkpointing,
-        use_8bit_adam=request.use_8bit_adam,
+        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every, **loop_options(request),
     )
     if pipe is None:
         pipe = load_pipeline(request.model)
@@ -305,7 +321,8 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
 
     with discard_if_unused(work):
         result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
-                       on_sample=preview if on_sample else None, cancel=cancel)
+                       on_sample=preview if on_sample else None, cancel=cancel,
+                       max_steps_this_call=request.max_steps_this_call)
     full = recipe.adapter_state_dict()
     recipe.remove_adapter()
     parts = split_by_block(full, settings.blocks)

@@ -311,14 +311,27 @@ def architecture_folder(model: str):
     return config_folder("sdxl-random" if spec.arch == "sdxl" else "flux-random")
 
 
-def blora_step_cost(model: str = "sdxl-random", resolution: int = 1024, *, rank: int = 64, base: str = "bf16",
-                    optimizer: str = "adamw", flash: bool = True) -> StepCost:
-    """One B-LoRA step on `model`'s UNet at `resolution` px, batch 1 (the recipe's `loss`, on the meta device)."""
-    from pipelines.blora import BLoRASettings, add_blora_adapter, checkpointing_units
-    from pipelines.fullsize import build_component
+def _meta_model(model: str, component: str, config) -> torch.nn.Module:
+    """`model`'s component on the meta device in bf16, from a live model's `config` when one is given."""
+    from pipelines.fullsize import build_component, component_class
 
-    folder = architecture_folder(model)
-    unet = build_component(folder, "unet").to(torch.bfloat16)
+    if config is None:
+        built = build_component(architecture_folder(model), component)
+    else:
+        folder = architecture_folder("sdxl-random" if component == "unet" else "flux-random")
+        _, cls = component_class(folder, component)
+        with torch.device("meta"):
+            built = cls.from_config(config)
+    return built.to(torch.bfloat16)
+
+
+def blora_step_cost(model: str = "sdxl-random", resolution: int = 1024, *, rank: int = 64, base: str = "bf16",
+                    optimizer: str = "adamw", flash: bool = True, unet_config=None) -> StepCost:
+    """One B-LoRA step on `model`'s UNet (or one with `unet_config`) at `resolution` px, batch 1: the recipe's
+    `loss` on the meta device."""
+    from pipelines.blora import BLoRASettings, add_blora_adapter, checkpointing_units
+
+    unet = _meta_model(model, "unet", unet_config)
     unet.requires_grad_(False)
     add_blora_adapter(unet, BLoRASettings(rank=rank, resolution=resolution), seed=0)
     trainable = [p for p in unet.parameters() if p.requires_grad]
@@ -347,14 +360,13 @@ def blora_step_cost(model: str = "sdxl-random", resolution: int = 1024, *, rank:
 
 def splitflux_step_cost(model: str = "flux-random", resolution: int = 1024, *, settings=None,
                         text_length: int | None = None, base: str = "bf16", optimizer: str = "adamw",
-                        flash: bool = True) -> StepCost:
-    """One SplitFlux step on `model`'s transformer at `resolution` px (the recipe's `predict` and losses)."""
-    from pipelines.fullsize import build_component
+                        flash: bool = True, transformer_config=None) -> StepCost:
+    """One SplitFlux step on `model`'s transformer (or one with `transformer_config`) at `resolution` px: the
+    recipe's `predict` and losses on the meta device."""
     from pipelines.splitflux import SplitFluxRecipe, SplitFluxSettings
 
     settings = settings or SplitFluxSettings(resolution=resolution)
-    folder = architecture_folder(model)
-    transformer = build_component(folder, "transformer").to(torch.bfloat16)
+    transformer = _meta_model(model, "transformer", transformer_config)
     transformer.requires_grad_(False)
     recipe = SplitFluxRecipe(types.SimpleNamespace(transformer=transformer), None, settings)
     recipe.add_adapters()

@@ -67,7 +67,15 @@ from pipelines.adapters import (
 )
 from pipelines.errors import BlockStudioError
 from pipelines.images import to_pixels
-from pipelines.training import CachedLatents, RunRequest, TrainConfig, weight_dtype_for
+from pipelines.training import (
+    CachedLatents,
+    RunRequest,
+    TrainConfig,
+    gradient_checkpointing_for,
+    loop_options,
+    resolve_levers,
+    weight_dtype_for,
+)
 
 NUM_SINGLE_BLOCKS = 38
 SINGLE_BLOCKS = "single_transformer_blocks"
@@ -468,8 +476,19 @@ class SplitFluxRecipe:
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
 
         self.add_adapters()
-        checkpointing = config.gradient_checkpointing
-        self.checkpointing = device.type == "cuda" if checkpointing is None else bool(checkpointing)
+        levers = resolve_levers(config, device)
+        self.checkpointing = gradient_checkpointing_for(
+            config.gradient_checkpointing, device, lambda: self.step_cost(levers).memory_bytes(False))
+
+    def step_cost(self, levers: dict):
+        """The cost model's view of one step of this run (`pipelines/cost.py`)."""
+        from pipelines.cost import splitflux_step_cost
+
+        s = self.settings
+        return splitflux_step_cost(resolution=s.resolution, settings=s, text_length=s.max_sequence_length,
+                                   base="bf16" if s.quantize_base == "none" else s.quantize_base,
+                                   optimizer="adamw8bit" if levers["use_8bit_adam"] else "adamw",
+                                   transformer_config=self.transformer.config)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.transformer
@@ -778,9 +797,7 @@ def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=No
     spec, crop, settings, out, work = prepared.spec, prepared.crop, prepared.settings, prepared.out, prepared.work
     config = default_train_config(
         steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
-        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every,
-        mixed_precision=request.mixed_precision, gradient_checkpointing=request.gradient_checkpointing,
-        use_8bit_adam=request.use_8bit_adam,
+        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every, **loop_options(request),
     )
     if pipe is None:
         pipe = load_flux_pipeline(request.model, quantize_base=settings.quantize_base)
@@ -797,7 +814,8 @@ def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=No
     try:
         with discard_if_unused(work):
             result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
-                           on_sample=preview if on_sample else None, cancel=cancel)
+                           on_sample=preview if on_sample else None, cancel=cancel,
+                           max_steps_this_call=request.max_steps_this_call)
         parts = recipe.export_parts()
     finally:
         recipe.remove_adapters()

@@ -84,6 +84,8 @@ def _run_request_fields(args: argparse.Namespace) -> dict:
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, samples=not args.no_samples,
         sample_steps=args.sample_steps, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+        attention=args.attention, compile_blocks=args.compile_blocks, fused_adam=args.fused_adam, tf32=args.tf32,
+        channels_last=args.channels_last,
         resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints,
     )
 
@@ -241,6 +243,19 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None)
+    # Speed levers; left out, each is decided from the hardware (pipelines/training.py, LEVERS).
+    from pipelines.training import ATTENTION_CHOICES
+
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
+                   help="attention kernel (default sdpa: PyTorch picks flash where it can)")
+    p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the repeated transformer blocks (default: on a CUDA GPU)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdamW's fused kernel (default: on a CUDA GPU)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorFloat-32 matrix products (default: on a CUDA GPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format for the UNet (default: on a CUDA GPU)")
 
 
 def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
