@@ -73,6 +73,15 @@ def default_models(gpu: bool) -> dict[str, str]:
     return models
 
 
+def training_options() -> dict[str, Any]:
+    """How the jobs worker trains: in chunks of GPU calls on ZeroGPU (`studio/zerogpu.py`), else in one go."""
+    if not on_zero_gpu():
+        return {}
+    from studio.zerogpu import ChunkedRunner
+
+    return {"runner": ChunkedRunner.from_environment()}
+
+
 def browser_secret(home: Path) -> str:
     """The key the browser's workspace id is stored under; stable across restarts so users find their work."""
     if os.environ.get("BLOCKSTUDIO_SECRET"):
@@ -91,8 +100,9 @@ def banner(gpu: bool) -> tuple[str, str] | None:
                 "noise, not pictures: they are for trying the whole workflow (train, mix, re-embed, export, "
                 "share) in seconds. Run Block Studio on a GPU for SDXL and Flux.")
     if on_zero_gpu():
-        return ("zero", "**ZeroGPU.** Mixing and re-embedding get a GPU per request. Training runs for many "
-                "minutes and needs dedicated GPU hardware; on ZeroGPU, import adapters trained elsewhere.")
+        return ("zero", "**ZeroGPU.** Mixing and re-embedding get a GPU per request. Training runs in chunks of "
+                "steps, each a short GPU call that resumes where the last one stopped; other people's jobs run "
+                "between the chunks, so a job takes longer here than on dedicated GPU hardware.")
     return None
 
 
@@ -105,7 +115,7 @@ def build_app(home: Path | None = None, *, jobs: JobManager | None = None,
     hotswap_rank = int(os.environ.get("BLOCKSTUDIO_HOTSWAP_RANK", "128")) or None
     studio = Studio(
         home=home,
-        jobs=jobs or JobManager(home),
+        jobs=jobs or JobManager(home, **training_options()),
         generation=generation or GenerationService(hotswap_rank=hotswap_rank),
         gpu=gpu,
         default_models=default_models(gpu),

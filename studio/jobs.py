@@ -28,7 +28,7 @@ from pipelines.errors import BlockStudioError
 from pipelines.images import load_image
 from pipelines.package import check_token
 from pipelines.storage import atomic_file, home_dir, write_json
-from pipelines.training import CancelToken, TrainingCancelled, latest_checkpoint, work_dir_for
+from pipelines.training import CancelToken, TrainingCancelled, TrainingPaused, latest_checkpoint, work_dir_for
 from studio.library import Library, check_package_name
 from studio.methods import METHODS, Method, check_model, method_for
 from studio.workspace import Workspace, WorkspaceError, is_workspace_id, workspaces_root
@@ -69,6 +69,7 @@ class JobRecord:
     finished: float | None = None
     resumed_from: int | None = None
     runs: int = 0
+    paused_at: int | None = None  # trained in chunks (ZeroGPU): the step its last chunk stopped at
 
     @property
     def active(self) -> bool:
@@ -297,6 +298,7 @@ class JobManager:
             self._check_room(owner)
             record.error = None
             record.finished = None
+            record.paused_at = None
             return self._enqueue(record)
 
     def discard(self, owner: str, job_id: str) -> None:
@@ -342,6 +344,10 @@ class JobManager:
             try:
                 self._run(record, token)
                 outcome, error = "done", None
+            except TrainingPaused as exc:
+                # A chunk of a job trained in chunks: back of the queue, so other jobs run before its next chunk.
+                outcome, error = ("interrupted" if self._stopping else "queued"), None
+                record.paused_at = exc.step
             except TrainingCancelled:
                 outcome, error = ("interrupted" if self._stopping else "cancelled"), None
             except BlockStudioError as exc:
@@ -352,11 +358,13 @@ class JobManager:
             with self._lock:
                 record.status = outcome
                 record.error = Workspace(record.owner, self.home).scrub(error) if error else None
-                record.finished = time.time()
+                record.finished = None if outcome == "queued" else time.time()
                 record.eta_s = 0.0 if outcome == "done" else None
                 record.checkpoint_step = None if outcome == "done" else self._checkpoint_step(record)
                 self._tokens.pop(job_id, None)
                 self._running = None
+                if outcome == "queued":
+                    self._queue.append(job_id)
                 self._save(record)
 
     def _pipeline(self, model: str):
@@ -387,7 +395,9 @@ class JobManager:
             with self._lock:
                 if first_event[0]:
                     first_event[0] = False
-                    record.resumed_from = event.step - 1 if event.step > 1 else None
+                    if record.paused_at is None:  # the next chunk of a chunked job is no resume
+                        record.resumed_from = event.step - 1 if event.step > 1 else None
+                    record.paused_at = None
                 # After a resume the loop repeats the steps after its checkpoint: keep one loss per step.
                 del record.losses[event.step - 1:]
                 record.losses.append(round(float(event.loss), 6))
