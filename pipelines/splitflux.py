@@ -310,6 +310,10 @@ def load_flux_pipeline(model: str, *, quantize_base: str = "none", device: torch
     from pipelines.models import load_pipeline
 
     check_quantization(quantize_base)
+    if quantize_base == "fp8" and device is None:
+        # Loaded on the CPU in bf16: the recipe casts the transformer to fp8 there and moves only that to the
+        # GPU, so a 24 GB card never holds FLUX.1's 24 GB bf16 transformer.
+        return load_pipeline(model, device="cpu", dtype=dtype or torch.bfloat16)
     if quantize_base != "nf4":
         return load_pipeline(model, device=device, dtype=dtype)
     from diffusers import BitsAndBytesConfig, DiffusionPipeline, FluxTransformer2DModel
@@ -464,12 +468,16 @@ class SplitFluxRecipe:
 
         transformer = self.transformer
         transformer.requires_grad_(False)
-        if not quantized:
-            transformer.to(device, dtype=weight_dtype)
-        if s.quantize_base == "fp8" and not getattr(transformer, "_blockstudio_fp8", False):
-            # Weights stored in fp8 and cast up per layer for compute; the adapters below stay in fp32.
+        fp8 = s.quantize_base == "fp8"
+        if fp8 and not getattr(transformer, "_blockstudio_fp8", False):
+            # Weights stored in fp8 and cast up per layer for compute; the adapters below stay in fp32. Cast
+            # where the weights are (a pipeline loaded on the CPU), so the bf16 transformer never has to fit on
+            # the GPU: FLUX.1's is 24 GB, 12 GB in fp8.
+            transformer.to(dtype=weight_dtype)
             transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
             transformer._blockstudio_fp8 = True
+        if not quantized:
+            transformer.to(device) if fp8 else transformer.to(device, dtype=weight_dtype)
         self.weight_dtype = weight_dtype
         latent_h, latent_w = self.latents.shape[-2:]
         self.img_ids = _latent_image_ids(latent_h // 2, latent_w // 2, device, weight_dtype)
