@@ -250,8 +250,19 @@ def resolve_levers(config: TrainConfig, device: torch.device) -> dict[str, Any]:
 
 
 def loop_options(request: RunRequest) -> dict[str, Any]:
-    """The TrainConfig fields a request sets: its levers."""
-    return {name: getattr(request, name) for name in LEVERS}
+    """The TrainConfig fields a request sets (its levers), checked before any model is loaded."""
+    options = {name: getattr(request, name) for name in LEVERS}
+    for name in ("gradient_checkpointing", "use_8bit_adam", "compile_blocks", "fused_adam", "tf32", "channels_last"):
+        if options[name] is not None and not isinstance(options[name], bool):
+            raise ValueError(f"{name.replace('_', ' ')} must be on, off or unset, not {options[name]!r}")
+    if options["attention"] is not None and options["attention"] not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {options['attention']!r}")
+    if options["mixed_precision"] is not None:
+        resolve_mixed_precision(options["mixed_precision"], torch.device("cpu"))
+    chunk = request.max_steps_this_call
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"steps per call must be a whole number of at least 1, not {chunk!r}")
+    return options
 
 
 def gradient_checkpointing_for(requested: bool | None, device: torch.device,

@@ -178,3 +178,22 @@ def test_cli_sets_every_lever(tmp_path):
                                    "gradient_checkpointing")} == {
         "attention": "math", "compile_blocks": True, "fused_adam": False, "tf32": True, "channels_last": False,
         "gradient_checkpointing": True}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("attention", "fast", "attention must be one of"),
+    ("compile_blocks", "yes", "compile blocks must be on, off or unset"),
+    ("tf32", 1, "tf32 must be on, off or unset"),
+    ("max_steps_this_call", 0, "steps per call"),
+    ("max_steps_this_call", True, "steps per call"),
+    ("mixed_precision", "fp8", "mixed precision must be"),
+])
+def test_bad_lever_values_are_refused_before_a_model_loads(field, value, message, tmp_path, monkeypatch):
+    from pipelines import models
+    from pipelines.blora import TrainRequest, train_blora
+
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    request = TrainRequest(image=EXAMPLES / "cat.jpg", out=tmp_path / "p", model="tiny-sdxl", **{field: value})
+    with pytest.raises(ValueError, match=message):
+        train_blora(request)
+    assert not (tmp_path / "p").exists()
