@@ -35,6 +35,13 @@ STYLE_BLOCK = "up_blocks.0.attentions.1"
 BLOCKS = {"content": CONTENT_BLOCK, "style": STYLE_BLOCK}
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "blora"
+# Which part each use loads (adapter.json's `composition`): the content block's half for the subject, the style
+# block's half for the style (the paper's Sec. 4.3).
+COMPOSITION = {
+    "name": "B-LoRA",
+    "uses": {"mix": "content", "content": "content", "reembed": "content", "style": "style"},
+    "optional": [],
+}
 
 
 @dataclass
@@ -70,7 +77,7 @@ def target_modules(unet: torch.nn.Module, blocks: dict[str, str] | None = None,
     for name, module in unet.named_modules():
         if not isinstance(module, torch.nn.Linear) or not name.startswith(prefixes):
             continue
-        if re.search(r"\.attn[12]\.(" + "|".join(re.escape(p) for p in projections) + r")$", name):
+        if re.fullmatch(r".*\.attn[12]\.(" + "|".join(re.escape(p) for p in projections) + r")", name):
             names.append(name)
     if not names:
         raise ValueError(f"no attention projections found in blocks {sorted(blocks.values())}")
@@ -85,8 +92,10 @@ def add_blora_adapter(unet: torch.nn.Module, settings: BLoRASettings, seed: int)
     """
     from peft import LoraConfig
 
+    from pipelines.models import building_modules
+
     names = target_modules(unet, settings.blocks, settings.projections)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), building_modules():
         torch.manual_seed(seed)
         unet.add_adapter(
             LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian", target_modules=names),
@@ -263,19 +272,15 @@ def prepare_request(request: TrainRequest):
     from pipelines.models import resolve_model
     from pipelines.package import check_name, check_token, token_for_image
     from pipelines.storage import check_writable_target
-    from pipelines.training import work_dir_for
+    from pipelines.training import check_resume, check_run_request, work_dir_for
 
+    check_run_request(request)
     spec = resolve_model(request.model)
     if spec.arch != "sdxl":
         raise ValueError(f"B-LoRA needs an SDXL model; {request.model} is {spec.arch.upper()} (use SplitFlux for Flux)")
-    out = check_writable_target(request.out)
+    out = check_writable_target(request.out, force=request.force)
     check_name(out.name)
-    if request.rank < 1 or request.rank > 1024:
-        raise ValueError(f"rank must be between 1 and 1024, not {request.rank}")
-    if request.steps < 1:
-        raise ValueError(f"steps must be at least 1, not {request.steps}")
-    if not request.learning_rate > 0:
-        raise ValueError(f"learning rate must be positive, not {request.learning_rate}")
+    check_resume(work_dir_for(out), request.resume)
     resolution = request.resolution or spec.resolution
     if resolution % 8 or resolution < 64 or resolution > 4096:
         raise ValueError(f"resolution must be a multiple of 8 between 64 and 4096, not {resolution}")
@@ -313,7 +318,7 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
         pipe = load_pipeline(request.model)
     prepare_work_dir(work, job, resume=request.resume, restart=request.restart)
     recipe = BLoRARecipe(pipe, crop, settings)
-    sample_steps = request.sample_steps or spec.steps
+    sample_steps = request.sample_steps or spec.fast_steps  # previews and samples: the "fast" steps
 
     def preview(step: int) -> None:
         if on_sample is not None:
@@ -346,6 +351,7 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
         "token": token,
         "prompt": settings.prompt,
         "blocks": settings.blocks,
+        "composition": COMPOSITION,
         "ranks": ranks,
         "rank": request.rank,
         "target_modules": list(settings.projections),
@@ -359,7 +365,7 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
     }
     contents = PackageContents(name=out.name, info=info, full=full, parts=parts, samples=samples,
                                loss_history=result.loss_history)
-    write_package(out, contents)
+    write_package(out, contents, replace=request.force)
     if not request.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out

@@ -6,11 +6,12 @@ Inside Block Studio an adapter is a PEFT state dict without a component prefix
 
 - diffusers format: `unet.<module>.lora.down.weight` / `.lora.up.weight` (what diffusers' training scripts
   write and `pipe.load_lora_weights` reads), with `lora_adapter_metadata` for PEFT's config;
-- kohya format: `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, the form A1111,
-  Forge and ComfyUI read (block names in diffusers form; SGM names such as `output_blocks_0_1` are read on
-  import). For Flux, sd-scripts' names of the original (BFL) model:
-  `lora_unet_single_blocks_N_linear1` holds to_q, to_k, to_v and proj_mlp fused, written losslessly with a
-  block-diagonal `lora_up` (see `to_kohya_flux`).
+- kohya format: `<prefix>_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, the form sd-scripts,
+  A1111, Forge and ComfyUI read. For SDXL the modules carry the SGM (original UNet) names sd-scripts itself
+  writes (`lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q`); files with diffusers block names
+  (`lora_unet_up_blocks_0_attentions_0_...`) are read on import too. For Flux each diffusers module keeps its
+  own factors under `lora_transformer_<module>` (see `to_kohya_flux`); sd-scripts' fused Flux names
+  (`lora_unet_single_blocks_N_linear1`) are read on import.
 
 Only safetensors are read: pickled checkpoints are refused before they are opened.
 """
@@ -18,6 +19,7 @@ Only safetensors are read: pickled checkpoints are refused before they are opene
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipelines.checks import check_weights
 from pipelines.errors import InvalidAdapter
 from pipelines.storage import atomic_file
 
@@ -66,25 +69,30 @@ def read_safetensors(path: str | Path, max_bytes: int = MAX_ADAPTER_BYTES) -> tu
 
 # -- SGM (original SDXL) block names -------------------------------------------------------------------
 
+# SDXL's UNet as its original (SGM) code numbers it: input_blocks.0 is conv_in, then each level has
+# `layers_per_block` (2) blocks and a slot for its down- or upsampler, 3 in all; inside a block the resnet is
+# child 0 and the attention (`Transformer2DModel`) child 1.
+_SDXL_BLOCKS_PER_LEVEL = 3
 _DIFFUSERS_TO_SGM = [
-    (re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\."), lambda m: f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.1."),
-    (re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\."), lambda m: f"output_blocks.{3 * int(m[1]) + int(m[2])}.1."),
+    (re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\."),
+     lambda m: f"input_blocks.{_SDXL_BLOCKS_PER_LEVEL * int(m[1]) + int(m[2]) + 1}.1."),
+    (re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\."),
+     lambda m: f"output_blocks.{_SDXL_BLOCKS_PER_LEVEL * int(m[1]) + int(m[2])}.1."),
     (re.compile(r"^mid_block\.attentions\.0\."), lambda m: "middle_block.1."),
 ]
-_SGM_TO_DIFFUSERS = [
-    (re.compile(r"^input_blocks\.(\d+)\.1\."),
-     lambda m: f"down_blocks.{(int(m[1]) - 1) // 3}.attentions.{(int(m[1]) - 1) % 3}."),
-    (re.compile(r"^output_blocks\.(\d+)\.1\."), lambda m: f"up_blocks.{int(m[1]) // 3}.attentions.{int(m[1]) % 3}."),
-    (re.compile(r"^middle_block\.1\."), lambda m: "mid_block.attentions.0."),
-]
 
 
-def _rename_block(module: str, table) -> str:
-    for pattern, repl in table:
+def sgm_module_name(module: str) -> str | None:
+    """`up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q` -> `output_blocks.1.1.transformer_blocks...`.
+
+    The attention modules of SDXL's UNet under the names of the original model, which sd-scripts, ComfyUI,
+    A1111 and Forge use; None for a module outside the attention blocks.
+    """
+    for pattern, repl in _DIFFUSERS_TO_SGM:
         new, count = pattern.subn(repl, module, count=1)
         if count:
             return new
-    return module
+    return None
 
 
 # -- conversions -----------------------------------------------------------------------------------------
@@ -123,25 +131,31 @@ def to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str = "unet") -
     return out
 
 
-def to_kohya(state_dict: Mapping[str, torch.Tensor], prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
-    """Canonical -> kohya keys (`lora_unet_up_blocks_0_attentions_0_..`) with `.alpha` equal to the rank.
+def _kohya_factors(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One module's kohya tensors; alpha equals the rank, so the file's scale is 1 as in Block Studio."""
+    return {f"{name}.lora_down.weight": a.contiguous(), f"{name}.lora_up.weight": b.contiguous(),
+            f"{name}.alpha": torch.tensor(float(a.shape[0]))}
 
-    Block names stay in diffusers form, as diffusers' own `convert_state_dict_to_kohya` writes them: A1111,
-    Forge and ComfyUI map these names, and diffusers reads them back exactly. SGM names
-    (`output_blocks_0_1`) are accepted on import, but diffusers' converter cannot place a LoRA that covers
-    only two blocks under SGM names, so they are not written.
+
+def to_kohya(state_dict: Mapping[str, torch.Tensor], prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
+    """Canonical SDXL LoRA -> the keys sd-scripts writes for SDXL (`lora_unet_output_blocks_0_1_...`).
+
+    sd-scripts names its modules after the original UNet, and its merge tool and `--network_weights` resume
+    match those names exactly (a diffusers-named key is skipped without a word). ComfyUI, A1111 and Forge map
+    them to their own UNets, and diffusers' `load_lora_weights` maps them back to its blocks.
     """
     out = {}
     for module, (a, b) in lora_modules(state_dict).items():
-        name = prefix + "_" + module.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = a.contiguous()
-        out[f"{name}.lora_up.weight"] = b.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(a.shape[0]))
+        sgm = sgm_module_name(module)
+        if sgm is None:
+            raise InvalidAdapter(f"module {module} has no sd-scripts SDXL name (only attention blocks are exported)")
+        out.update(_kohya_factors(prefix + "_" + sgm.replace(".", "_"), a, b))
     return out
 
 
-# -- kohya names of Flux (sd-scripts, the original BFL module names) --------------------------------------
+# -- kohya names of Flux ---------------------------------------------------------------------------------
 
+# sd-scripts' names of the original (BFL) Flux modules, as its files and ComfyUI use them, read on import.
 # kohya module -> the diffusers modules it fuses, in the order their outputs are stacked.
 _FLUX_SINGLE_KOHYA = {
     "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
@@ -160,9 +174,10 @@ _FLUX_DOUBLE_KOHYA = {
     "img_mod_lin": ("norm1.linear",),
     "txt_mod_lin": ("norm1_context.linear",),
 }
-_FLUX_KOHYA_KEY = re.compile(r"^lora_unet_(single|double)_blocks_(\d+)_([a-z0-9_]+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_FLUX_KOHYA_KEY = re.compile(r"lora_unet_(single|double)_blocks_(\d+)_([a-z0-9_]+?)\.(lora_down\.weight|lora_up\.weight|alpha)")
 _FLUX_BLOCKS = {"single": ("single_transformer_blocks", _FLUX_SINGLE_KOHYA),
                 "double": ("transformer_blocks", _FLUX_DOUBLE_KOHYA)}
+FLUX_KOHYA_PREFIX = "lora_transformer"
 
 
 def _flux_fused_dims(kohya_module: str, width: int) -> list[int]:
@@ -175,68 +190,25 @@ def _flux_fused_dims(kohya_module: str, width: int) -> list[int]:
 
 
 def to_kohya_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Canonical Flux LoRA -> sd-scripts keys (`lora_unet_single_blocks_3_linear1`), lossless, `.alpha` = rank.
+    """Canonical Flux LoRA -> kohya keys with one entry per diffusers module (`lora_transformer_<module>`).
 
-    Fused kohya modules get one rank-R chunk per member module (R = the largest member rank; smaller ranks and
-    absent members are zero-padded): `lora_down` stacks the chunks and `lora_up` is block-diagonal, so
-    up @ down is exactly the members' updates stacked, and diffusers' `_convert_kohya_flux_lora_to_diffusers`
-    splits it back into the same factors.
+    The original Flux fuses q, k, v (and, in a single block, the MLP input) into one Linear. sd-scripts' names
+    address that fused module, so a LoRA on q, k and v alone needs a block-diagonal `lora_up` over all fused
+    outputs, several times the size of the factors themselves (sd-scripts' own `split_qkv` option trains split
+    factors but still saves them fused and padded). Under the diffusers module names each factor is stored as
+    it is, in its own dtype, and ComfyUI and Forge place it at its offset in the fused weight. diffusers'
+    `load_lora_weights` reads these names for the attention projections (`attn.*`); for other modules use the
+    diffusers file.
     """
-    modules = lora_modules(state_dict)
-    out: dict[str, torch.Tensor] = {}
-    done: set[str] = set()
-    for kind, (diffusers_blocks, table) in _FLUX_BLOCKS.items():
-        pattern = re.compile(rf"^{diffusers_blocks}\.(\d+)\.(.+)$")
-        groups: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for module, pair in modules.items():
-            match = pattern.match(module)
-            if not match:
-                continue
-            for kohya_name, members in table.items():
-                if match[2] in members:
-                    groups.setdefault((int(match[1]), kohya_name), {})[match[2]] = pair
-                    done.add(module)
-        for (index, kohya_name), present in sorted(groups.items()):
-            members = table[kohya_name]
-            name = f"lora_unet_{kind}_blocks_{index}_{kohya_name}"
-            if len(members) == 1:
-                a, b = present[members[0]]
-            else:
-                a, b = _fuse_block_diagonal(kohya_name, members, present)
-            out[f"{name}.lora_down.weight"] = a.contiguous()
-            out[f"{name}.lora_up.weight"] = b.contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(a.shape[0]))
-    left = sorted(set(modules) - done)
-    if left:
-        raise InvalidAdapter(f"module {left[0]} has no kohya name for Flux (only transformer blocks are exported)")
-    return out
-
-
-def _fuse_block_diagonal(kohya_name: str, members: tuple[str, ...],
-                         present: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    rank = max(a.shape[0] for a, _ in present.values())
-    width = next(iter(present.values()))[0].shape[1]
-    dims = _flux_fused_dims(kohya_name, width)
-    first_a = next(iter(present.values()))[0]
-    down = first_a.new_zeros(rank * len(members), width)
-    up = first_a.new_zeros(sum(dims), rank * len(members))
-    row = 0
-    for i, (member, dim) in enumerate(zip(members, dims, strict=True)):
-        if member in present:
-            a, b = present[member]
-            if b.shape[0] != dim:
-                raise InvalidAdapter(f"{member}: LoRA output size {b.shape[0]} does not fit Flux's {kohya_name}")
-            down[i * rank: i * rank + a.shape[0]] = a
-            up[row: row + dim, i * rank: i * rank + a.shape[0]] = b
-        row += dim
-    return down, up
+    return {key: value for module, (a, b) in lora_modules(state_dict).items()
+            for key, value in _kohya_factors(f"{FLUX_KOHYA_PREFIX}_{module.replace('.', '_')}", a, b).items()}
 
 
 def from_kohya_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """sd-scripts Flux keys -> canonical (alpha folded in, fused modules split, zero padding dropped)."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
-        match = _FLUX_KOHYA_KEY.match(key)
+        match = _FLUX_KOHYA_KEY.fullmatch(key)
         if match is None:
             raise InvalidAdapter(f"key {key!r} is not a kohya Flux LoRA weight")
         grouped.setdefault(f"{match[1]}|{match[2]}|{match[3]}", {})[match[4]] = value
@@ -249,7 +221,7 @@ def from_kohya_flux(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
             raise InvalidAdapter(f"lora_unet_{kind}_blocks_{index}_{kohya_name} lacks one of its two LoRA factors")
         down, up = tensors["lora_down.weight"].float(), tensors["lora_up.weight"].float()
-        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
+        alpha = alpha_value(group, tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
         up = up * (alpha / down.shape[0])
         members = table[kohya_name]
         if len(members) == 1:
@@ -286,6 +258,17 @@ def _split_fused(kohya_name: str, members: tuple[str, ...], down: torch.Tensor, 
     return {m: (down, ups[i]) for i, m in enumerate(members)}
 
 
+def alpha_value(key: str, value: torch.Tensor) -> float:
+    """A kohya `.alpha`: one finite, positive number (an int or float tensor, never a bool or NaN)."""
+    if value.dtype == torch.bool or value.numel() != 1 or value.is_complex():
+        raise InvalidAdapter(f"{key}: alpha must be one number, not a {str(value.dtype).removeprefix('torch.')} "
+                             f"tensor of shape {tuple(value.shape)}")
+    alpha = float(value)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidAdapter(f"{key}: alpha is {alpha}; it must be a positive number (the file is broken)")
+    return alpha
+
+
 def _fold_alpha(modules: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
     out = {}
     for module, pair in modules.items():
@@ -299,13 +282,19 @@ def _fold_alpha(modules: dict[str, dict[str, torch.Tensor]], alphas: dict[str, f
     return out
 
 
-def _kohya_module_name(flat: str, module_names: list[str]) -> str | None:
-    """Map `output_blocks_0_1_transformer_blocks_0_attn1_to_q` back to a dotted module name of the model."""
+def _kohya_module_lookup(module_names: list[str]) -> dict[str, str]:
+    """{flat kohya name: module} for a model's modules, under diffusers and SGM block names.
+
+    `up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q` and `output_blocks_0_1_transformer_blocks_0_attn1_to_q`
+    both name the module `up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+    """
     lookup = {}
     for name in module_names:
         lookup[name.replace(".", "_")] = name
-        lookup[_rename_block(name, _DIFFUSERS_TO_SGM).replace(".", "_")] = name
-    return lookup.get(flat)
+        sgm = sgm_module_name(name)
+        if sgm is not None:
+            lookup[sgm.replace(".", "_")] = name
+    return lookup
 
 
 def normalize_lora(
@@ -316,13 +305,17 @@ def normalize_lora(
     """Any known LoRA layout -> canonical keys, with alpha folded in.
 
     Accepted: PEFT (`lora_A/lora_B`), diffusers (`lora.down/lora.up`, also old `processor.to_q_lora`), with or
-    without `unet.` / `unet.unet.` / `transformer.` prefixes, and kohya (`lora_unet_*`, diffusers or SGM block
-    names, `.alpha`; for Flux, sd-scripts' `lora_unet_single_blocks_*` / `lora_unet_double_blocks_*`). `module_names` are the Linear modules of the base model, used to resolve kohya names.
+    without `unet.` / `unet.unet.` / `transformer.` prefixes, and kohya (`lora_unet_*` with diffusers or SGM
+    block names, `lora_transformer_*`, `.alpha`; for Flux also sd-scripts' fused `lora_unet_single_blocks_*` /
+    `lora_unet_double_blocks_*`). `module_names` are the Linear modules of the base model, used to resolve
+    kohya names.
     """
+    check_weights({k: v for k, v in state_dict.items() if not k.endswith(".alpha")}, "LoRA file")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     dropped_te = 0
-    flux_kohya = {k: v for k, v in state_dict.items() if _FLUX_KOHYA_KEY.match(k)}
+    kohya_lookup: dict[str, str] | None = None
+    flux_kohya = {k: v for k, v in state_dict.items() if _FLUX_KOHYA_KEY.fullmatch(k)}
     if flux_kohya:
         for key, value in from_kohya_flux(flux_kohya).items():
             module, kind = _split_lora_key(key)
@@ -336,11 +329,13 @@ def normalize_lora(
         if key.startswith("lora_unet_") or key.startswith("lora_transformer_"):
             flat, _, rest = key.partition(".")
             flat = flat.split("_", 2)[2]
-            module = _kohya_module_name(flat, module_names)
+            if kohya_lookup is None:
+                kohya_lookup = _kohya_module_lookup(module_names)
+            module = kohya_lookup.get(flat)
             if module is None:
                 raise InvalidAdapter(f"key {raw_key!r} names no module of the base model")
             if rest == "alpha":
-                alphas[module] = float(value)
+                alphas[module] = alpha_value(raw_key, value)
                 continue
             kind = {"lora_down.weight": "A", "lora_up.weight": "B"}.get(rest)
             if kind is None:
@@ -352,12 +347,12 @@ def normalize_lora(
         key = key.replace(".processor.", ".").replace("_lora.down.", ".lora.down.").replace("_lora.up.", ".lora.up.")
         key = re.sub(r"\.to_out_lora\.", ".to_out.0.lora.", key)
         if key.endswith(".alpha"):
-            alphas[key[: -len(".alpha")]] = float(value)
+            alphas[key[: -len(".alpha")]] = alpha_value(raw_key, value)
             continue
-        match = re.match(r"^(.*)\.(lora_A|lora\.down|lora_down)(\.[^.]+)?\.weight$", key)
+        match = re.fullmatch(r"(.*)\.(lora_A|lora\.down|lora_down)(\.[^.]+)?\.weight", key)
         kind = "A"
         if match is None:
-            match = re.match(r"^(.*)\.(lora_B|lora\.up|lora_up)(\.[^.]+)?\.weight$", key)
+            match = re.fullmatch(r"(.*)\.(lora_B|lora\.up|lora_up)(\.[^.]+)?\.weight", key)
             kind = "B"
         if match is None:
             raise InvalidAdapter(f"key {raw_key!r} is not a LoRA weight this importer understands")

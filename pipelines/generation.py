@@ -1,9 +1,13 @@
 """Generation with content and style adapters in a warm pipeline.
 
-`StudioPipeline` loads a base model once and keeps two adapter slots, `content` and `style`. Pointing a slot
-at another package replaces only that adapter (PEFT hotswap where enabled, else delete and load); the base
-weights are never reloaded. The calls it makes are the plain diffusers ones, so the same call in diffusers
+`StudioPipeline` loads a base model once and keeps two adapter slots, `content` and `style`, plus one slot per
+optional part asked for beside a choice (`content_boundary` for a SplitFlux package's boundary blocks). Pointing
+a slot at another package replaces only that adapter (PEFT hotswap where enabled, else delete and load); the
+base weights are never reloaded. The calls it makes are the plain diffusers ones, so the same call in diffusers
 with the package's files (`load_lora_weights`, `set_adapters`, a CPU generator) gives the same image.
+
+Which part a slot loads by default is the package's own record (`AdapterPackage.part_for`): the content part
+mixing uses (SplitFlux: the content branch alone, as in the paper), the one for new prompts, the style part.
 """
 
 from __future__ import annotations
@@ -16,13 +20,36 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipelines import formats
+from pipelines import checks, formats
 from pipelines.errors import BlockStudioError, InvalidAdapter
-from pipelines.models import load_pipeline, resolve_model
+from pipelines.models import building_modules, load_pipeline, resolve_model
 from pipelines.package import AdapterPackage
 
-SLOTS = ("content", "style")
 _PLACEHOLDER = re.compile(r"\[(c|s)\]", re.IGNORECASE)
+MIN_SCALE, MAX_SCALE = -2.0, 3.0  # beyond these an adapter's delta swamps the base model
+MAX_STEPS = 150
+MAX_SIDE = 2048
+MAX_IMAGES = 8
+
+
+def check_sampling(*, seed: object = 0, steps: object = None, guidance: object = None, width: object = None,
+                   height: object = None, num_images: object = 1) -> dict:
+    """Sampling settings as plain numbers, refusing NaN, infinities, bools and values out of range.
+
+    None means the model's default (steps, guidance, size).
+    """
+    values = {
+        "seed": checks.seed(seed),
+        "steps": None if steps is None else checks.whole_number(steps, "steps", 1, MAX_STEPS),
+        "guidance": None if guidance is None else checks.real_number(guidance, "guidance", 0.0, 30.0),
+        "num_images": checks.whole_number(num_images, "number of images", 1, MAX_IMAGES),
+    }
+    for label, value in (("width", width), ("height", height)):
+        side = None if value is None else checks.whole_number(value, label, 64, MAX_SIDE)
+        if side is not None and side % 8:
+            raise checks.InvalidSetting(f"{label} must be a multiple of 8 between 64 and {MAX_SIDE}, not {side}")
+        values[label] = side
+    return values
 
 
 def expand_prompt(prompt: str, content_token: str | None, style_token: str | None) -> str:
@@ -52,15 +79,43 @@ def default_prompt(has_content: bool, has_style: bool, method: str = "b-lora") -
 
 @dataclass
 class AdapterChoice:
-    """One slot's choice: which package, which of its parts, at which scale."""
+    """One slot's choice: which package, which of its parts, at which scale, and which optional parts beside it.
+
+    Each part in `extras` (e.g. SplitFlux's `boundary`) is loaded as an adapter of its own at the same scale.
+    """
 
     package: AdapterPackage
     part: str
     scale: float = 1.0
+    extras: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.scale = checks.real_number(self.scale, f"{self.part} scale", MIN_SCALE, MAX_SCALE)
+        # A missing part fails here, before any model is loaded, in one line naming the parts the package has.
+        for part in (self.part, *self.extras):
+            self.package.file(part)
+
+    @classmethod
+    def for_use(cls, package: AdapterPackage, use: str, scale: float = 1.0,
+                extras: tuple[str, ...] = ()) -> AdapterChoice:
+        """The part `package` records for `use` ("mix", "content", "reembed", "style")."""
+        return cls(package, package.part_for(use), scale, tuple(extras))
 
     @property
     def file(self) -> Path:
         return self.package.file(self.part)
+
+    def slots(self, slot: str) -> dict[str, AdapterChoice]:
+        """{adapter name: choice} for this choice in `slot`: its part, then each extra part as `<slot>_<part>`."""
+        out = {slot: self}
+        for extra in self.extras:
+            out[f"{slot}_{extra}"] = AdapterChoice(self.package, extra, self.scale)
+        return out
+
+    def label(self) -> str:
+        """`<package>:<part>@<scale>`, with `+<extra>` for every extra part."""
+        extras = "".join(f"+{e}" for e in self.extras)
+        return f"{self.package.path.name}:{self.part}{extras}@{self.scale:g}"
 
 
 class StudioPipeline:
@@ -122,24 +177,30 @@ class StudioPipeline:
         # padded size; any other swap deletes the slot's adapter and loads the new one.
         hotswap = (current is not None and self.hotswap_rank is not None and rank <= self.hotswap_rank
                    and self._targets.get(slot) == targets)
-        if hotswap:
-            self.pipe.load_lora_weights(**source, adapter_name=slot, hotswap=True)
-            self.hotswaps += 1
-        else:
-            if current is not None:
-                self.pipe.delete_adapters(slot)
-            self.pipe.load_lora_weights(**source, adapter_name=slot)
+        with building_modules():
+            if hotswap:
+                self.pipe.load_lora_weights(**source, adapter_name=slot, hotswap=True)
+                self.hotswaps += 1
+            else:
+                if current is not None:
+                    self.pipe.delete_adapters(slot)
+                self.pipe.load_lora_weights(**source, adapter_name=slot)
         self._loaded[slot] = key
         self._targets[slot] = targets
         self.adapter_loads += 1
 
     def set_adapters(self, content: AdapterChoice | None = None, style: AdapterChoice | None = None) -> None:
-        """Put the chosen adapters in their slots and apply their scales."""
-        self._set_slot("content", content)
-        self._set_slot("style", style)
-        active = [(s, c.scale) for s, c in (("content", content), ("style", style)) if c is not None]
-        if active:
-            self.pipe.set_adapters([s for s, _ in active], adapter_weights=[w for _, w in active])
+        """Put the chosen adapters in their slots (and their extra parts in theirs) and apply their scales."""
+        wanted: dict[str, AdapterChoice] = {}
+        for slot, choice in (("content", content), ("style", style)):
+            if choice is not None:
+                wanted.update(choice.slots(slot))
+        for slot in [s for s in self._loaded if s not in wanted]:
+            self._set_slot(slot, None)
+        for slot, choice in wanted.items():
+            self._set_slot(slot, choice)
+        if wanted:
+            self.pipe.set_adapters(list(wanted), adapter_weights=[c.scale for c in wanted.values()])
 
     def generate(
         self,
@@ -155,7 +216,9 @@ class StudioPipeline:
         negative_prompt: str | None = None,
         num_images: int = 1,
         callback=None,
+        fast: bool = False,
     ) -> list[Image.Image]:
+        """Images for `prompt`; `steps` None means the model's default, or its "fast" steps with `fast=True`."""
         method = (content or style).package.method if (content or style) else "b-lora"
         if prompt is None:
             prompt = default_prompt(content is not None, style is not None, method)
@@ -165,7 +228,7 @@ class StudioPipeline:
         self.set_adapters(content, style)
         kwargs = dict(
             prompt=text,
-            num_inference_steps=steps or self.spec.steps,
+            num_inference_steps=steps or self.spec.inference_steps(fast),
             guidance_scale=self.spec.guidance if guidance is None else guidance,
             width=width or self.spec.resolution,
             height=height or self.spec.resolution,
@@ -222,10 +285,11 @@ def sample_with_parts(pipe, parts: dict[str, dict[str, torch.Tensor]], prompt: s
     prefix = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     names = []
     try:
-        for role, state in parts.items():
-            name = f"sample_{role}"
-            pipe.load_lora_weights(formats.to_diffusers(state, prefix), adapter_name=name)
-            names.append(name)
+        with building_modules():
+            for role, state in parts.items():
+                name = f"sample_{role}"
+                pipe.load_lora_weights(formats.to_diffusers(state, prefix), adapter_name=name)
+                names.append(name)
         if names:
             pipe.set_adapters(names, adapter_weights=[1.0] * len(names))
         return _call(pipe, prompt, resolution, steps, seed, spec.guidance)

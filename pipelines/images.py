@@ -64,12 +64,35 @@ def load_image(
         image.load()
     except (OSError, SyntaxError) as exc:
         raise InvalidImage(f"{name}: image file is truncated or corrupt ({exc})") from None
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _tone_map(image, name)
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def _tone_map(image: Image.Image, name: str) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image as 8-bit grayscale, mapped by its real range.
+
+    Pillow's own conversion clips these to 0-255, which turns a 16-bit photo white and a 0-1 float image black.
+    16-bit images map 0-65535 to black-white, as a viewer shows them; 0-1 floats map 0-1; any other range
+    (32-bit integers beyond 16 bits, HDR or signed floats) maps its minimum to black and its maximum to white.
+    """
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise InvalidImage(f"{name}: the image holds NaN or infinite pixel values")
+    low, high = float(values.min()), float(values.max())
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        low, high = 0.0, 65535.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8))
 
 
 def center_crop_square(image: Image.Image, resolution: int) -> Image.Image:

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from pipelines import formats
-from pipelines.blora import BLOCKS, split_by_block
+from pipelines.blora import BLOCKS, COMPOSITION, split_by_block
 from pipelines.errors import InvalidAdapter, ModelNotAvailable
-from pipelines.models import model_path, resolve_model
+from pipelines.models import building_modules, model_path, resolve_model
 from pipelines.package import PackageContents, check_name, check_token, write_package
 from pipelines.storage import check_writable_target
 
@@ -45,16 +45,16 @@ def unet_skeleton(model: str) -> torch.nn.Module:
                     "use --model tiny-sdxl offline or download the model once"
                 ) from None
     config = json.loads(Path(config_path).read_text())
-    with init_empty_weights():
+    with building_modules(), init_empty_weights():
         return UNet2DConditionModel.from_config(config)
 
 
 def import_lora(file: str | Path, out: str | Path, *, model: str = "sdxl", token: str | None = None,
-                method: str = "b-lora", pipe=None) -> Path:
-    """Check `file` against `model` and write it as a B-LoRA package at `out`."""
+                method: str = "b-lora", pipe=None, force: bool = False) -> Path:
+    """Check `file` against `model` and write it as a B-LoRA package at `out` (replacing one only with `force`)."""
     if method != "b-lora":
         raise InvalidAdapter(f"importing {method} adapters is not supported")
-    out = check_writable_target(out)
+    out = check_writable_target(out, force=force)
     check_name(out.name)
     file = Path(file)
     tensors, metadata = formats.read_safetensors(file)
@@ -77,11 +77,12 @@ def import_lora(file: str | Path, out: str | Path, *, model: str = "sdxl", token
         "token": token,
         "prompt": f"A {token}",
         "blocks": {role: BLOCKS[role] for role in parts},
+        "composition": COMPOSITION,
         "ranks": {role: max(ranks[m.rsplit(".lora_", 1)[0]] for m in state) for role, state in parts.items()},
         "imported_from": file.name,
         "source_metadata": {k: v for k, v in metadata.items() if len(v) < 2000},
     }
-    write_package(out, PackageContents(name=out.name, info=info, full=canonical, parts=parts))
+    write_package(out, PackageContents(name=out.name, info=info, full=canonical, parts=parts), replace=force)
     return out
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 
+from pipelines.package import describe_part
+
 LICENSES = {"sdxl": "openrail++", "flux": "other"}
+# The Hub ids of the base models. The tiny offline models have none: their cards name no `base_model`, since
+# an adapter for tiny-sdxl does not load into SDXL (same block names, other widths).
 BASE_IDS = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "tiny-sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-    "tiny-flux": "black-forest-labs/FLUX.1-dev",
 }
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
 SAMPLE_PROMPTS = {
@@ -39,8 +41,9 @@ def render_model_card(info: dict) -> str:
     prompt = info.get("prompt", f"A {token}")
     tiny = base.startswith("tiny-")
     samples = [s for s in info.get("files", {}).get("samples", []) if not s.endswith("input.png")]
-    lines = ["---", f"base_model: {_yaml_str(base_id)}", "library_name: diffusers",
-             f"license: {LICENSES.get(arch, 'other')}", f"instance_prompt: {_yaml_str(prompt)}", "tags:"]
+    lines = ["---"] + ([] if tiny else [f"base_model: {_yaml_str(base_id)}"]) + [
+        "library_name: diffusers", f"license: {LICENSES.get(arch, 'other')}", f"instance_prompt: {_yaml_str(prompt)}",
+        "tags:"]
     tags = ["text-to-image", "lora", "diffusers", "template:sd-lora", method, "blockstudio",
             "stable-diffusion-xl" if arch == "sdxl" else "flux"]
     lines += [f"- {t}" for t in tags]
@@ -51,10 +54,19 @@ def render_model_card(info: dict) -> str:
             text = info.get("sample_prompts", {}).get(stem, prompt)
             lines += [f"- text: {_yaml_str(text)}", "  output:", f"    url: {sample}"]
     lines.append("---")
-    parts = [p for p in ("content", "content_reembed", "style") if p in info.get("files", {})]
+    files = info.get("files", {})
+    parts = [p for p in files if p not in ("full", "samples") and not p.startswith("kohya")]
+    composition = info.get("composition") if isinstance(info.get("composition"), dict) else {}
+    uses = composition.get("uses") if isinstance(composition.get("uses"), dict) else {}
+    mix_part = uses.get("mix", "content")
     pipeline = PIPELINES.get(arch, "DiffusionPipeline")
     content_prompt = f"A {token}" if method == "b-lora" else f"A {token} object"
     dtype = "bfloat16" if arch == "flux" else "float16"
+    if tiny:
+        load_base = [f"from pipelines.models import model_path  # {base} is built by Block Studio, not on the Hub",
+                     "", f'pipe = {pipeline}.from_pretrained(model_path("{base}"))']
+    else:
+        load_base = ["", f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.{dtype}).to("cuda")']
     body = [
         "",
         f"# {name}",
@@ -63,7 +75,8 @@ def render_model_card(info: dict) -> str:
         f"Trigger token: `{token}`; training prompt: `{prompt}`.",
     ]
     if tiny:
-        body += ["", "> Trained on a tiny random-weight model for trying the workflow; it does not make real images."]
+        body += ["", f"> Trained on `{base}`, a tiny random-weight model Block Studio builds offline for trying the "
+                 "workflow; it does not make real images, and it loads into that model only."]
     if samples:
         body += ["", "<Gallery />"]
     body += [
@@ -72,15 +85,12 @@ def render_model_card(info: dict) -> str:
         "",
         "| file | what it holds |",
         "| --- | --- |",
-        "| `pytorch_lora_weights.safetensors` | content and style together (diffusers format) |",
+        "| `pytorch_lora_weights.safetensors` | every part together (diffusers format) |",
     ]
-    descriptions = {
-        "content": "the content (subject) alone",
-        "content_reembed": "the content's high-rank branch alone, for putting the subject in new prompts",
-        "style": "the style alone",
-    }
     for part in parts:
-        body.append(f"| `{part}.safetensors` | {descriptions.get(part, part)} |")
+        entry = info.get("parts", {}).get(part) if isinstance(info.get("parts"), dict) else None
+        what = entry.get("description", part) if isinstance(entry, dict) else DESCRIPTIONS.get(part, part)
+        body.append(f"| `{part}.safetensors` | {what}: {describe_part(info, part)} |")
     body += [
         f"| `kohya/{name}*.safetensors` | the same in kohya/WebUI format for ComfyUI, A1111 and Forge |",
         "",
@@ -89,9 +99,8 @@ def render_model_card(info: dict) -> str:
         "```python",
         "import torch",
         f"from diffusers import {pipeline}",
-        "",
-        f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.{dtype}).to("cuda")',
-        f'pipe.load_lora_weights("{name}", weight_name="content.safetensors", adapter_name="content")',
+        *load_base,
+        f'pipe.load_lora_weights("{name}", weight_name="{mix_part}.safetensors", adapter_name="content")',
         'pipe.load_lora_weights("<another package>", weight_name="style.safetensors", adapter_name="style")',
         'pipe.set_adapters(["content", "style"], adapter_weights=[1.0, 1.0])',
         f'image = pipe("{content_prompt} in [s] style", generator=torch.Generator("cpu").manual_seed(0)).images[0]',
@@ -102,12 +111,14 @@ def render_model_card(info: dict) -> str:
         "`alpha = a` equals a scale of `a * a` here.",
         "",
     ]
+    if uses:
+        body += _composition_notes(uses, composition.get("optional", []))
     if method == "splitflux":
         body += _splitflux_notes(info)
     body += [
         "## Use with ComfyUI, A1111 or Forge",
         "",
-        f"Load `kohya/{name}_content.safetensors` or `kohya/{name}_style.safetensors` with a LoRA loader node "
+        f"Load `kohya/{name}_{mix_part}.safetensors` or `kohya/{name}_style.safetensors` with a LoRA loader node "
         "on the same base model, and put the trigger token in the prompt.",
         "",
         "## Training",
@@ -116,27 +127,59 @@ def render_model_card(info: dict) -> str:
         "| --- | --- |",
     ]
     for key in ("method", "base_model", "steps", "rank", "content_rank", "rca_alpha", "learning_rate", "resolution",
-                "seed", "blocks", "target_modules", "complementary_weight", "style_text", "created"):
+                "seed", "blocks", "target_modules", "complementary_weight", "complementary_reduction", "optimizer",
+                "style_text", "created"):
         if key in info:
-            value = info[key]
-            if not isinstance(value, str):
-                value = json.dumps(value)
-            body.append(f"| {key} | `{value}` |")
+            body.append(f"| {key} | `{_cell(info[key])}` |")
+    silent = info.get("paper_silent")
+    if isinstance(silent, dict) and silent:
+        body += ["", "## Choices the paper leaves open", "", "Each is a training setting; this package used:", "",
+                 "| setting | value | what it decides |", "| --- | --- | --- |"]
+        for key, entry in silent.items():
+            entry = entry if isinstance(entry, dict) else {"value": entry}
+            body.append(f"| {key} | `{_cell(entry.get('value'))}` | {entry.get('decides', '')} |")
     body.append("")
     return "\n".join(lines + body)
+
+
+DESCRIPTIONS = {
+    "content": "the content (subject) alone",
+    "content_reembed": "the content's high-rank branch alone, for putting the subject in new prompts",
+    "style": "the style alone",
+}
+
+
+def _cell(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _composition_notes(uses: dict, optional: list) -> list[str]:
+    """Which file each use loads, as the package records it."""
+    labels = {"mix": "mixing with another package's style", "content": "the content alone",
+              "reembed": "the subject in new prompts", "style": "the style on any prompt"}
+    lines = ["## Which file for what", "", "| use | file |", "| --- | --- |"]
+    lines += [f"| {labels.get(use, use)} | `{part}.safetensors` |" for use, part in uses.items()]
+    if optional:
+        lines += ["", f"Loaded only when asked for: {', '.join(f'`{p}.safetensors`' for p in optional)} (at the "
+                      "content scale, as an adapter of its own)."]
+    return lines + [""]
 
 
 def _splitflux_notes(info: dict) -> list[str]:
     style_token = info.get("style_token", "[s]")
     gate = info.get("gate", {})
-    return [
+    files = info.get("files", {})
+    notes = [
         "## SplitFlux parts",
         "",
         f"Content was trained with `{info.get('content_prompt')}`, style with `{info.get('style_prompt')}`; "
-        f"the style token is `{style_token}`. To put the subject in new scenes, load "
-        "`content_reembed.safetensors` (the content branch alone) and prompt `A <token> object ...`.",
+        f"the style token is `{style_token}`. The content branch alone (`content_reembed.safetensors`) puts the "
+        "subject in new prompts (`A <token> object ...`) and, as in the paper, mixes with another package's style.",
         f"The content blocks' two gated branches are exported as {gate.get('exported_content', 'one LoRA')}; "
-        "the gate depends on the input, so no fixed LoRA reproduces it exactly. The boundary blocks' "
-        "rank-constrained alpha is already multiplied into `lora_B`: load every file at scale 1.",
-        "",
+        "the gate depends on the input, so no fixed LoRA reproduces it exactly. Every scale, the boundary blocks' "
+        "rank-constrained alpha included, is already multiplied into `lora_B`: load every file at scale 1.",
     ]
+    if "boundary" in files:
+        notes.append("The boundary blocks are a file of their own, `boundary.safetensors`; the paper loads no "
+                     "adapter there at inference, so add it only to try it.")
+    return notes + [""]

@@ -9,14 +9,48 @@ recipes know.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipelines.errors import ModelNotAvailable
+
+log = logging.getLogger(__name__)
+
+# Building torch modules is not thread-safe in this stack. diffusers' `from_pretrained`, PEFT's adapter
+# loading and accelerate's `init_empty_weights` build models on the meta device by replacing
+# `torch.nn.Module.register_parameter` for the whole process while they run. A module built by another thread
+# in that window gets meta tensors ("Cannot copy out of meta tensor"), and when two such windows overlap the
+# one that exits last puts back the other's replacement, so every later load in the process builds meta
+# tensors. Every place that builds modules or loads weights (pipelines, adapters, model skeletons, the tiny
+# models) therefore holds this one process-wide lock. It is held only while modules are built and weights
+# read, never while a model runs, so a generation waits at most for one load, and a training step never waits.
+_BUILD_LOCK = threading.RLock()
+_building = threading.local()
+_REGISTER_PARAMETER = torch.nn.Module.__dict__["register_parameter"]
+
+
+@contextlib.contextmanager
+def building_modules() -> Iterator[None]:
+    """Hold the process-wide lock for building modules or loading weights (see `_BUILD_LOCK`)."""
+    with _BUILD_LOCK:
+        _building.depth = getattr(_building, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _building.depth -= 1
+            # A patch left behind by code that built modules outside this lock would break every later load;
+            # the outermost holder, with no load running anywhere, puts the original back.
+            if _building.depth == 0 and torch.nn.Module.__dict__["register_parameter"] is not _REGISTER_PARAMETER:
+                log.warning("torch.nn.Module.register_parameter was left patched by a model load; restored")
+                torch.nn.Module.register_parameter = _REGISTER_PARAMETER
 
 
 @dataclass(frozen=True)
@@ -25,17 +59,27 @@ class ModelSpec:
     arch: str  # "sdxl" or "flux"
     repo_id: str | None  # Hub id; None for tiny models
     resolution: int  # training and default generation size
-    steps: int  # default inference steps
+    steps: int  # default inference steps (the reference pipeline's own default)
     guidance: float  # default guidance scale
     tiny: bool = False
     description: str = ""
+    fast: int | None = None  # fewer inference steps for a quicker look ("fast"); None: the same as `steps`
     random_weights: bool = False  # full-size architecture with random weights: benchmarks only, never offered
+
+    @property
+    def fast_steps(self) -> int:
+        return self.fast or self.steps
+
+    def inference_steps(self, fast: bool = False) -> int:
+        """The default number of inference steps, or the "fast" one."""
+        return self.fast_steps if fast else self.steps
 
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 30, 5.0,
+        # 50 steps: StableDiffusionXLPipeline's default, which the official B-LoRA inference uses.
+        ModelSpec("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 50, 5.0, fast=30,
                   description="Stable Diffusion XL base 1.0"),
         ModelSpec("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", 1024, 28, 3.5,
                   description="FLUX.1 [dev]"),
@@ -45,7 +89,7 @@ REGISTRY: dict[str, ModelSpec] = {
                   description="random-weight SDXL topology for tests and offline trials"),
         ModelSpec("tiny-flux", "flux", None, 64, 4, 3.5, tiny=True,
                   description="random-weight Flux topology for tests and offline trials"),
-        ModelSpec("sdxl-random", "sdxl", None, 1024, 30, 5.0, random_weights=True,
+        ModelSpec("sdxl-random", "sdxl", None, 1024, 50, 5.0, fast=30, random_weights=True,
                   description="SDXL-base 1.0 at full size, random weights (benchmarks)"),
         ModelSpec("flux-random", "flux", None, 1024, 28, 3.5, random_weights=True,
                   description="FLUX.1 [dev] at full size, random weights (benchmarks)"),
@@ -79,12 +123,12 @@ def resolve_model(name: str) -> ModelSpec:
     if path.is_dir():
         arch = _arch_of_folder(path)
         base = REGISTRY["sdxl" if arch == "sdxl" else "flux-dev"]
-        return ModelSpec(str(path.resolve()), arch, None, base.resolution, base.steps, base.guidance)
+        return ModelSpec(str(path.resolve()), arch, None, base.resolution, base.steps, base.guidance, fast=base.fast)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         lowered = name.lower()
         arch = "flux" if "flux" in lowered else "sdxl"
         base = REGISTRY["sdxl" if arch == "sdxl" else "flux-dev"]
-        return ModelSpec(name, arch, name, base.resolution, base.steps, base.guidance)
+        return ModelSpec(name, arch, name, base.resolution, base.steps, base.guidance, fast=base.fast)
     raise ModelNotAvailable(
         f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, a Hub id (owner/name) or a local diffusers folder"
     )
@@ -96,11 +140,13 @@ def model_path(name: str) -> Path:
     if spec.tiny:
         from pipelines.tiny import tiny_model_path
 
-        return tiny_model_path(spec.name)
+        with building_modules():  # a first use builds the model from its config
+            return tiny_model_path(spec.name)
     if spec.random_weights:
         from pipelines.fullsize import fullsize_model_path
 
-        return fullsize_model_path(spec.name)
+        with building_modules():  # a first use builds the model from its config (minutes at full size)
+            return fullsize_model_path(spec.name)
     if spec.repo_id is None:
         return Path(spec.name)
     from huggingface_hub import snapshot_download
@@ -160,8 +206,9 @@ def load_pipeline(name: str, *, device: torch.device | str | None = None, dtype:
     folder = model_path(name)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device, spec.arch)
-    pipe = DiffusionPipeline.from_pretrained(folder, **{_dtype_kwarg(): dtype})
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
+    with building_modules():
+        pipe = DiffusionPipeline.from_pretrained(folder, **{_dtype_kwarg(): dtype})
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
     pipe.blockstudio_model = spec  # which registry entry this pipeline came from
     return pipe

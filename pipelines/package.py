@@ -15,28 +15,31 @@ one, never a mixture.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from PIL import Image
 
 from pipelines import formats
+from pipelines.checks import check_weights
 from pipelines.errors import InvalidAdapter, UnsafeName
 from pipelines.storage import atomic_dir, write_json
 
 PACKAGE_FORMAT_VERSION = 1
 FULL_WEIGHTS = "pytorch_lora_weights.safetensors"
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\[\]<>\-]{1,32}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_\[\]<>\-]{1,32}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 RESERVED_TOKENS = {"[c]", "[s]"}
 
 
 def check_token(token: str) -> str:
     """A trigger token: short, no spaces, no path or prompt syntax beyond brackets (e.g. `[v42]`, `sks`)."""
-    if not isinstance(token, str) or not _TOKEN_RE.match(token):
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
         raise UnsafeName(
             f"token {token!r} is not allowed: use 1-32 letters, digits, '_', '-', '[', ']', '<', '>' (e.g. [v42])"
         )
@@ -47,7 +50,7 @@ def check_token(token: str) -> str:
 
 def check_name(name: str) -> str:
     """A package or file name that cannot leave its folder: no separators, no leading dot, 64 chars."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise UnsafeName(
             f"name {name!r} is not allowed: use up to 64 letters, digits, '_', '-', '.', starting with a letter or digit"
         )
@@ -96,16 +99,27 @@ def _file_metadata(info: dict, part: str) -> dict[str, object]:
     return meta
 
 
-def _kohya_metadata(info: dict, part: str, state_dict: dict[str, torch.Tensor]) -> dict[str, object]:
-    ranks = sorted({int(a.shape[0]) for a, _ in formats.lora_modules(state_dict).values()})
+def _network_dims(kohya: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """`ss_network_dim` and `ss_network_alpha` as the tensors hold them: one value, or "Dynamic" when the
+    modules differ (what sd-scripts' resize tool writes for mixed ranks)."""
+    dims = {int(v.shape[0]) for k, v in kohya.items() if k.endswith(".lora_down.weight")}
+    alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
+    return (str(dims.pop()) if len(dims) == 1 else "Dynamic",
+            f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic")
+
+
+def _kohya_metadata(info: dict, part: str, kohya: dict[str, torch.Tensor]) -> dict[str, object]:
     arch = info.get("arch", "sdxl")
     meta = _file_metadata(info, part)
     # A style part answers to the style token where the method trains one of its own (SplitFlux).
     trigger = (info.get("style_token") or info.get("token")) if part == "style" else info.get("token")
+    dim, alpha = _network_dims(kohya)
+    if arch == "sdxl":
+        # sd-scripts' own module names (see formats.to_kohya), so its network module may be named.
+        meta["ss_network_module"] = "networks.lora"
     meta.update({
-        "ss_network_module": "networks.lora" if arch == "sdxl" else "networks.lora_flux",
-        "ss_network_dim": str(ranks[-1]),
-        "ss_network_alpha": str(ranks[-1]),
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
         "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "flux1",
         "ss_output_name": f"{info.get('name', 'adapter')}_{part}",
         "ss_training_comment": f"{info.get('method')} {part}; trigger {trigger}",
@@ -120,34 +134,41 @@ def _kohya_metadata(info: dict, part: str, state_dict: dict[str, torch.Tensor]) 
 
 
 def _kohya_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    # Flux files use sd-scripts' names of the original model, the form ComfyUI, Forge and diffusers all read.
     if prefix == "transformer":
         return formats.to_kohya_flux(state)
     return formats.to_kohya(state, "lora_unet" if prefix == "unet" else f"lora_{prefix}")
 
 
-def write_package(out: str | Path, contents: PackageContents, *, card: str | None = None) -> Path:
-    """Write a whole package atomically into `out` and return its path."""
+def _write_kohya(path: Path, info: dict, part: str, state: dict[str, torch.Tensor], prefix: str) -> None:
+    kohya = _kohya_state(state, prefix)
+    formats.write_safetensors(path, kohya, _kohya_metadata(info, part, kohya))
+
+
+def write_package(out: str | Path, contents: PackageContents, *, card: str | None = None,
+                  replace: bool = False) -> Path:
+    """Write a whole package atomically into `out` and return its path.
+
+    An existing `out` is replaced only with `replace`; otherwise the write fails and leaves it as it is.
+    """
     out = Path(out)
     name = check_name(contents.name)
+    check_weights(contents.full, name)
     info = dict(contents.info)
     info.setdefault("name", name)
     files = {"full": FULL_WEIGHTS}
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, replace=replace) as staging:
         prefix = contents.prefix
         peft_meta = formats.peft_metadata(contents.full, prefix)
         formats.write_safetensors(staging / FULL_WEIGHTS, formats.to_diffusers(contents.full, prefix),
                                   {**_file_metadata(info, "full"), **peft_meta})
-        formats.write_safetensors(staging / "kohya" / f"{name}.safetensors", _kohya_state(contents.full, prefix),
-                                  _kohya_metadata(info, "full", contents.full))
+        _write_kohya(staging / "kohya" / f"{name}.safetensors", info, "full", contents.full, prefix)
         files["kohya"] = f"kohya/{name}.safetensors"
         for role, state in contents.parts.items():
             check_name(role)
             formats.write_safetensors(staging / f"{role}.safetensors", formats.to_diffusers(state, prefix),
                                       {**_file_metadata(info, role), **formats.peft_metadata(state, prefix)})
             files[role] = f"{role}.safetensors"
-            formats.write_safetensors(staging / "kohya" / f"{name}_{role}.safetensors",
-                                      _kohya_state(state, prefix), _kohya_metadata(info, role, state))
+            _write_kohya(staging / "kohya" / f"{name}_{role}.safetensors", info, role, state, prefix)
             files[f"kohya_{role}"] = f"kohya/{name}_{role}.safetensors"
         if contents.samples:
             (staging / "samples").mkdir()
@@ -174,6 +195,50 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
     return out
 
 
+def describe_part(info: dict, part: str) -> str:
+    """What a part holds, from adapter.json: `blocks (branch xscale, ...)`, or the description an older package
+    recorded, or the block of that role."""
+    parts = info.get("parts")
+    entry = parts.get(part) if isinstance(parts, dict) else None
+    if isinstance(entry, dict):
+        branches = entry.get("branches")
+        listed = ", ".join(f"{b} x{w:g}" if _is_number(w) else str(b)
+                           for b, w in branches.items()) if isinstance(branches, dict) else ""
+        return str(entry.get("blocks", "?")) + (f" ({listed})" if listed else "")
+    if isinstance(entry, str):
+        return entry
+    blocks = info.get("blocks")
+    return str(blocks.get(part, part)) if isinstance(blocks, dict) else part
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def package_files(folder: str | Path, *, hidden: bool = False) -> list[Path]:
+    """The regular files of a package folder, sorted; links (to files or folders) are never followed or listed,
+    and names starting with a dot (staging leftovers, editor files) are left out unless `hidden`."""
+    folder = Path(folder)
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if (hidden or not d.startswith(".")) and not os.path.islink(Path(root, d)))
+        for name in files:
+            path = Path(root, name)
+            if (hidden or not name.startswith(".")) and stat.S_ISREG(os.lstat(path).st_mode):
+                found.append(path)
+    return sorted(found)
+
+
+def has_links(folder: str | Path) -> bool:
+    """Whether a package folder holds any symbolic link."""
+    return any(os.path.islink(Path(root, n)) for root, dirs, files in os.walk(folder, followlinks=False)
+               for n in dirs + files)
+
+
 @dataclass
 class AdapterPackage:
     """A package folder read back from disk."""
@@ -185,7 +250,7 @@ class AdapterPackage:
     def open(cls, path: str | Path) -> AdapterPackage:
         path = Path(path)
         meta = path / "adapter.json"
-        if not meta.is_file():
+        if not meta.is_file() or meta.is_symlink():
             raise InvalidAdapter(f"{path} is not an adapter package (no adapter.json)")
         try:
             info = json.loads(meta.read_text())
@@ -217,11 +282,75 @@ class AdapterPackage:
     def file(self, part: str) -> Path:
         files = self.info.get("files", {})
         if part not in files:
-            raise InvalidAdapter(f"package {self.name} has no {part!r} part (it has {', '.join(sorted(files))})")
-        return self.path / files[part]
+            raise InvalidAdapter(f"package {self.name} has no {part!r} part (it has {', '.join(self.parts())})")
+        path = self.member(files[part]) if isinstance(files[part], str) else None
+        if path is None:
+            raise InvalidAdapter(f"package {self.name}: its {part!r} file is missing, or is a link or outside the package")
+        return path
+
+    def member(self, relative: str) -> Path | None:
+        """A regular file inside the package, never reached through a link; None otherwise."""
+        pure = PurePosixPath(relative)
+        if pure.is_absolute() or not pure.parts or any(p in ("", ".", "..") for p in pure.parts):
+            return None
+        path, mode = self.path, 0
+        for part in pure.parts:
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                return None
+            if stat.S_ISLNK(mode):
+                return None
+        return path if stat.S_ISREG(mode) else None
+
+    def parts(self) -> list[str]:
+        """The weight files the package holds, by part name (`full`, `content`, `style`, ...)."""
+        return sorted(k for k in self.info.get("files", {}) if k != "samples" and not k.startswith("kohya"))
 
     def has(self, part: str) -> bool:
         return part in self.info.get("files", {})
+
+    @property
+    def composition(self) -> dict:
+        """Which part each use loads (`uses`: mix, content, reembed, style) and which parts are optional.
+
+        Recorded in adapter.json by the recipe. A package written before that record keeps the composition it
+        was always used with: its `content` part for mixing and `content_reembed` (where it has one) for new
+        prompts; `recorded` is False for it.
+        """
+        recorded = self.info.get("composition")
+        if (isinstance(recorded, dict) and isinstance(recorded.get("uses"), dict)
+                and _names(list(recorded["uses"].values())) and _names(recorded.get("optional", []))):
+            return {"optional": [], **recorded, "recorded": True}
+        reembed = "content_reembed" if self.has("content_reembed") else "content"
+        return {"recorded": False, "name": "unrecorded", "optional": [],
+                "uses": {"mix": "content", "content": "content", "reembed": reembed, "style": "style"}}
+
+    def part_for(self, use: str) -> str:
+        """The part the package loads for `use`; a use it does not record falls back to the part of that name."""
+        part = self.composition["uses"].get(use, use)
+        if not isinstance(part, str) or not self.has(part):
+            raise InvalidAdapter(f"package {self.name} has no part for {use!r} (it has {', '.join(self.parts())})")
+        return part
+
+    def describe_part(self, part: str) -> str:
+        return describe_part(self.info, part)
+
+    def composition_line(self) -> str:
+        """One line saying what mixing and new prompts load, for the library."""
+        comp = self.composition
+        uses = comp["uses"]
+        mix, reembed = uses.get("mix", "content"), uses.get("reembed", "content")
+        head = (f"{comp.get('name', 'recorded')} composition" if comp["recorded"]
+                else "older package (composition not recorded)")
+        line = f"{head}: mix loads {mix} = {self.describe_part(mix)} with a style part"
+        if reembed != mix:
+            line += f"; new prompts load {reembed}"
+        optional = [p for p in comp.get("optional", []) if self.has(p)]
+        if optional:
+            line += f"; {', '.join(optional)} off unless asked for"
+        return line
 
     def state_dict(self, part: str = "full") -> dict[str, torch.Tensor]:
         """The canonical state dict of one part, read from its diffusers file."""
@@ -231,5 +360,5 @@ class AdapterPackage:
         return formats.normalize_lora(tensors, modules, component=prefix)
 
     def sample(self, stem: str) -> Path | None:
-        path = self.path / "samples" / f"{stem}.png"
-        return path if path.is_file() else None
+        """A preview image of the package (a regular file, never a link)."""
+        return self.member(f"samples/{stem}.png")

@@ -4,11 +4,11 @@ Yang et al., "SplitFlux: Learning to Decouple Content and Style from a Single Im
 single-stream blocks carry content early and style later, so the 38 `single_transformer_blocks` are split
 (diffusers indices; the paper counts all 57 blocks from 1, so its B20-29 are our 0-9):
 
-- content blocks 0-9: visual-gated LoRA, a rank-48 content branch and a rank-16 residual branch mixed per image
-  token by `sigmoid((||x|| - mu) / sigma)` (`pipelines/adapters/visual_gated.py`);
+- content blocks 0-9: visual-gated LoRA, a rank-48 content branch dW_cnt and a rank-16 residual branch dW_res
+  mixed per image token by `sigmoid((||x|| - mu) / sigma)` (`pipelines/adapters/visual_gated.py`);
 - boundary blocks 10-11: rank-constrained adaptation, rank r/alpha with its update times alpha
   (`pipelines/adapters/rca.py`);
-- style blocks 12-37: a rank-64 LoRA;
+- style blocks 12-37: a rank-64 LoRA dW_s;
 - the 19 double-stream blocks and everything before single block 0 stay frozen and run without autograd.
 
 Two prompts. The content path sees `A [c] object`, the style blocks `A [s] style`. Inside a single-stream
@@ -23,18 +23,43 @@ streams share the frozen prefix in one batch. `style_text="embedding"` is the ch
 the style prompt's `context_embedder` output and runs no second stream. Generation needs none of this: the
 exported files are plain LoRAs, used with one prompt such as `A [c] object in [s] style`.
 
-Loss: flow matching (target noise - x0, uniform timesteps as diffusers' `weighting_scheme="none"`) plus the
-complementary loss between the two content branches, averaged over the gated layers (an average, so its
-weight does not depend on how many projections are targeted), weight 0.1. Adam at 1e-4 (AdamW without decay),
-batch 1, 1000 steps. Training guidance defaults to 1.0, as diffusers' and kohya's Flux LoRA examples train.
+Loss: flow matching (noisy input `(1 - sigma) x0 + sigma noise`, target `noise - x0`) plus 0.1 times the
+complementary loss between the two content branches, summed over the gated layers: the paper adds one term
+per layer at weight 0.1 (`complementary_reduction="mean"` averages them instead, which makes each layer's term
+as many times weaker as there are gated layers, 30 by default). Adam at 1e-4 with 32-bit state (AdamW without
+weight decay, which is Adam), batch 1, 1000 steps; 8-bit optimizer state is an opt-in memory option
+(`use_8bit_adam=True`). The adapters' initial factors are drawn from the run's seed.
 
-Exported parts (canonical PEFT state dicts, every scale folded into `lora_B`):
-- `content`: content blocks with both branches as one rank-64 LoRA, at weight 1 each (the paper loads
-  dW_cnt + dW_res for disentangled content), plus the boundary blocks with alpha baked in.
-- `content_reembed`: the rank-48 content branch alone, plus the boundary blocks, for new prompts.
+Choices the paper leaves open, each a setting (`PAPER_SILENT` lists them; the package's adapter.json and model
+card record their values):
+- `text_gate` (1.0): the gate of the text tokens in the content blocks; 1.0 routes them through dW_cnt, the
+  branch re-embedding loads.
+- `gate_source` ("block_input"): the features whose norms gate the image tokens, the block's input (the
+  residual stream) or each projection's own input (just after AdaLN's LayerNorm, which flattens the norms).
+- `style_text` ("stream"): how the style prompt reaches the style blocks (above).
+- `timestep_sampling` ("uniform"): sigma drawn uniformly from the scheduler's table, as diffusers'
+  `weighting_scheme="none"`; "logit_normal" draws u = sigmoid(N(0, 1)); "flux_shift" draws u the same way and
+  shifts it by the image's token count, `exp(mu) / (exp(mu) + 1/u - 1)` with mu from FLUX.1's scheduler config
+  (sd-scripts' `--timestep_sampling flux_shift`). The draws use diffusers' `compute_density_for_timestep_sampling`.
+- `guidance` (1.0): the guidance-embedding value while training, as diffusers' and sd-scripts' Flux LoRA
+  examples train FLUX.1-dev.
+- `max_sequence_length` (512): T5 tokens of both prompts (FLUX.1's length).
+- `resolution` (1024): the training crop.
+- `target_modules` (`attn.to_q,attn.to_k,attn.to_v`): what diffusers' Flux LoRA script adapts in a single
+  block; it reproduces the paper's parameter counts exactly (as `proj_out` alone would).
+- `lora_init` ("gaussian"): down factors N(0, 1/rank) and up factors zero, as PEFT's `init_lora_weights=
+  "gaussian"`; "kaiming" is PEFT's default (Kaiming-uniform down factors).
+- `export_gate` (None): the weights of dW_cnt and dW_res in the `content` part; None is the plain sum.
+
+Exported parts (canonical PEFT state dicts, every scale folded into `lora_B`), after the paper's Figure 2:
+- `content`: disentangled content, dW_cnt + dW_res on the content blocks as one rank-64 LoRA at weight 1 each.
+- `content_reembed`: dW_cnt alone on the content blocks (rank 48). Re-embedding loads it, and so does mixing:
+  the paper mixes the content branch of one image with the style of another.
+- `boundary`: the boundary blocks with alpha multiplied in. The paper draws no adapter on them at inference,
+  so no use loads this part unless asked (`--with-boundary`, the Mix tab's checkbox).
 - `style`: the style blocks.
-The content parts carry the boundary blocks because rank-constrained adaptation is the content LoRA extended
-into the boundary, held narrow. The content and style parts touch disjoint blocks, so the content of one
+`COMPOSITION` says which part each use loads; adapter.json records it with the blocks, branches and scales of
+every part. The parts touch disjoint blocks (the two content parts the same ones), so the content of one
 package mixes with the style of another.
 """
 
@@ -65,8 +90,10 @@ from pipelines.adapters import (
     remove_adapters,
     visual_gate,
 )
+from pipelines.checks import real_number, whole_number
 from pipelines.errors import BlockStudioError
 from pipelines.images import to_pixels
+from pipelines.models import building_modules
 from pipelines.training import (
     CachedLatents,
     RunRequest,
@@ -87,7 +114,29 @@ ROLES = ("content", "boundary", "style")
 QUANTIZE_CHOICES = ("none", "fp8", "nf4")
 STYLE_TEXT_CHOICES = ("stream", "embedding")
 GATE_SOURCES = ("block_input", "layer_input")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "flux_shift")
+COMPLEMENTARY_REDUCTIONS = ("sum", "mean")
+LORA_INITS = ("gaussian", "kaiming")
+# Which part the content slot loads for each use of a package (the paper's Figure 2). `optional` parts are
+# loaded only when asked for, beside the chosen content part and at its scale.
+COMPOSITION = {
+    "name": "paper",
+    "uses": {"mix": "content_reembed", "content": "content", "reembed": "content_reembed", "style": "style"},
+    "optional": ["boundary"],
+}
+# The choices the paper leaves open (see the module docstring): setting -> what it decides.
+PAPER_SILENT = {
+    "text_gate": "gate of the text tokens in the content blocks",
+    "gate_source": "features whose norms gate the image tokens",
+    "style_text": "how the style prompt reaches the style blocks",
+    "timestep_sampling": "how training draws sigma",
+    "guidance": "guidance-embedding value while training",
+    "max_sequence_length": "T5 tokens of both prompts",
+    "resolution": "training crop in pixels",
+    "target_modules": "Linear layers adapted in each single block",
+    "lora_init": "initial adapter factors",
+    "export_gate": "weights of the two content branches in the content part (None: 1 and 1)",
+}
 
 
 class QuantizationUnavailable(BlockStudioError):
@@ -95,6 +144,9 @@ class QuantizationUnavailable(BlockStudioError):
 
 
 # -- block ranges ---------------------------------------------------------------------------------------
+
+
+MAX_BLOCK_INDEX = 1000  # far beyond FLUX.1's 38 single blocks; keeps a typo from building a huge range
 
 
 def parse_blocks(value: str | Iterable[int] | None) -> tuple[int, ...]:
@@ -117,6 +169,8 @@ def parse_blocks(value: str | Iterable[int] | None) -> tuple[int, ...]:
             end = int(match[2]) if match[2] is not None else start
             if end < start:
                 raise BlockStudioError(f"block range {part!r} runs backwards")
+            if end >= MAX_BLOCK_INDEX:
+                raise BlockStudioError(f"block range {part!r} names blocks no Flux model has")
             indices.extend(range(start, end + 1))
     return tuple(sorted(set(indices)))
 
@@ -174,6 +228,8 @@ class SplitFluxSettings:
     max_sequence_length: int = 512
     guidance: float = 1.0
     timestep_sampling: str = "uniform"
+    complementary_reduction: str = "sum"
+    lora_init: str = "gaussian"
     quantize_base: str = "none"
 
     @property
@@ -227,43 +283,37 @@ class SplitFluxSettings:
                 "style blocks must come after the content and boundary blocks (the style prompt enters at the "
                 "first style block)"
             )
-        if not 2 <= self.rank <= 1024:
-            raise BlockStudioError(f"rank must be between 2 and 1024, not {self.rank}")
+        self.rank = whole_number(self.rank, "rank", 2, 1024)
+        self.content_rank = whole_number(self.content_rank, "content rank", 1, 1024)
+        self.rca_alpha = whole_number(self.rca_alpha, "rca alpha", 1, 1024)
+        self.complementary_weight = real_number(self.complementary_weight, "complementary weight", 0.0, 100.0)
+        self.text_gate = real_number(self.text_gate, "text gate", 0.0, 1.0)
+        if self.export_gate is not None:
+            self.export_gate = real_number(self.export_gate, "export gate", 0.0, 1.0)
+        self.guidance = real_number(self.guidance, "training guidance", 0.0, 100.0)
+        self.resolution = whole_number(self.resolution, "resolution", 64, 4096)
+        self.max_sequence_length = whole_number(self.max_sequence_length, "max sequence length", 1, 512)
         if not 1 <= self.content_rank < self.rank:
             raise BlockStudioError(
                 f"content rank must be between 1 and rank - 1 ({self.rank - 1}) so the residual branch keeps a "
                 f"rank, not {self.content_rank}"
             )
-        if self.rca_alpha < 1 or self.rank % self.rca_alpha:
+        if self.rank % self.rca_alpha:
             raise BlockStudioError(f"rca alpha must be a positive divisor of the rank {self.rank}, not {self.rca_alpha}")
-        if not self.complementary_weight >= 0:
-            raise BlockStudioError(f"complementary weight must be 0 or more, not {self.complementary_weight}")
-        if not 0.0 <= self.text_gate <= 1.0:
-            raise BlockStudioError(f"text gate must lie in [0, 1], not {self.text_gate}")
-        if self.export_gate is not None and not 0.0 <= self.export_gate <= 1.0:
-            raise BlockStudioError(f"export gate must lie in [0, 1], not {self.export_gate}")
-        if self.gate_source not in GATE_SOURCES:
-            raise BlockStudioError(f"gate source must be one of {', '.join(GATE_SOURCES)}, not {self.gate_source!r}")
-        if self.style_text not in STYLE_TEXT_CHOICES:
-            raise BlockStudioError(
-                f"style text routing must be one of {', '.join(STYLE_TEXT_CHOICES)}, not {self.style_text!r}"
-            )
-        if self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise BlockStudioError(
-                f"timestep sampling must be one of {', '.join(TIMESTEP_SAMPLING)}, not {self.timestep_sampling!r}"
-            )
-        if self.quantize_base not in QUANTIZE_CHOICES:
-            raise BlockStudioError(
-                f"quantize base must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize_base!r}"
-            )
+        for label, value, choices in (
+            ("gate source", self.gate_source, GATE_SOURCES),
+            ("style text routing", self.style_text, STYLE_TEXT_CHOICES),
+            ("timestep sampling", self.timestep_sampling, TIMESTEP_SAMPLING),
+            ("complementary reduction", self.complementary_reduction, COMPLEMENTARY_REDUCTIONS),
+            ("LoRA init", self.lora_init, LORA_INITS),
+            ("quantize base", self.quantize_base, QUANTIZE_CHOICES),
+        ):
+            if value not in choices:
+                raise BlockStudioError(f"{label} must be one of {', '.join(choices)}, not {value!r}")
         if self.resolution % 16 or not 64 <= self.resolution <= 4096:
             raise BlockStudioError(
                 f"resolution must be a multiple of 16 between 64 and 4096 for Flux, not {self.resolution}"
             )
-        if not 1 <= self.max_sequence_length <= 512:
-            raise BlockStudioError(f"max sequence length must be between 1 and 512, not {self.max_sequence_length}")
-        if not self.guidance >= 0:
-            raise BlockStudioError(f"training guidance must be 0 or more, not {self.guidance}")
         parse_targets(self.target_modules)
 
     def module_names(self) -> dict[str, list[str]]:
@@ -324,17 +374,28 @@ def load_flux_pipeline(model: str, *, quantize_base: str = "none", device: torch
     folder = model_path(model)
     dtype = dtype or torch.bfloat16
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    transformer = FluxTransformer2DModel.from_pretrained(
-        folder, subfolder="transformer", quantization_config=quantization, **{_dtype_kwarg(): dtype}
-    )
-    pipe = DiffusionPipeline.from_pretrained(folder, transformer=transformer, **{_dtype_kwarg(): dtype})
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(torch.device(device) if device is not None else torch.device("cuda"))
+    with building_modules():
+        transformer = FluxTransformer2DModel.from_pretrained(
+            folder, subfolder="transformer", quantization_config=quantization, **{_dtype_kwarg(): dtype}
+        )
+        pipe = DiffusionPipeline.from_pretrained(folder, transformer=transformer, **{_dtype_kwarg(): dtype})
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(torch.device(device) if device is not None else torch.device("cuda"))
     pipe.blockstudio_model = spec
     return pipe
 
 
 # -- the recipe -----------------------------------------------------------------------------------------
+
+
+def _kaiming_down_factors(layer: AdapterLayer) -> None:
+    """PEFT's default LoRA init for the down factors (Kaiming-uniform, a = sqrt(5)); up factors stay zero."""
+    import math
+
+    with torch.no_grad():
+        for name, param in layer.named_parameters(recurse=False):
+            if name.startswith("lora_A"):
+                torch.nn.init.kaiming_uniform_(param, a=math.sqrt(5))
 
 
 def _block_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,8 +421,12 @@ class SplitFluxRecipe:
 
     # -- adapters -------------------------------------------------------------------------------------
 
-    def add_adapters(self) -> dict[str, AdapterLayer]:
-        """Put the three kinds of adapter on their blocks and the gate hooks on the content blocks."""
+    def add_adapters(self, seed: int = 0) -> dict[str, AdapterLayer]:
+        """Put the three kinds of adapter on their blocks and the gate hooks on the content blocks.
+
+        The initial factors are drawn on the CPU from `seed` alone (the run's seed), whatever the device and
+        whatever randomness came before.
+        """
         s = self.settings
         transformer = self.transformer
         s.validate(len(transformer.single_transformer_blocks))
@@ -378,13 +443,14 @@ class SplitFluxRecipe:
             "boundary": lambda base: RankConstrainedLinear(base, RankConstrainedConfig(rank=s.rank, alpha=s.rca_alpha)),
             "style": lambda base: LoRALinear(base, LoRAConfig(rank=s.rank, scale=1.0)),
         }
-        # Seeded on the CPU so that the initial factors do not depend on the device or on earlier randomness.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with torch.random.fork_rng(devices=[]), building_modules():
+            torch.manual_seed(seed)
             for role in ROLES:
                 for name, layer in inject_adapters(transformer, names[role], makers[role]).items():
                     self.layers[name] = layer
                     self.roles[name] = role
+                    if s.lora_init == "kaiming":
+                        _kaiming_down_factors(layer)
         for index in s.content_blocks:
             block = transformer.single_transformer_blocks[index]
             gated = [self.layers[f"{SINGLE_BLOCKS}.{index}.{t}"] for t in s.target_modules]
@@ -483,7 +549,7 @@ class SplitFluxRecipe:
         self.img_ids = _latent_image_ids(latent_h // 2, latent_w // 2, device, weight_dtype)
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
 
-        self.add_adapters()
+        self.add_adapters(config.seed)
         levers = resolve_levers(config, device)
         self.checkpointing = gradient_checkpointing_for(
             config.gradient_checkpointing, device, lambda: self.step_cost(levers).memory_bytes(False))
@@ -504,21 +570,39 @@ class SplitFluxRecipe:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.parameters(recurse=False)]
 
+    def draw_sigma(self, generator: torch.Generator, image_tokens: int) -> torch.Tensor:
+        """One step's noise level sigma in (0, 1], shape (1,), by `settings.timestep_sampling` (module docstring).
+
+        Flow matching runs the transformer at timestep `1000 * sigma`, which the model's forward takes as sigma.
+        """
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        sampling = self.settings.timestep_sampling
+        scheme = "none" if sampling == "uniform" else "logit_normal"
+        u = compute_density_for_timestep_sampling(scheme, 1, logit_mean=0.0, logit_std=1.0, generator=generator)
+        if sampling == "flux_shift":
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            config = self.scheduler.config
+            mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.15))
+            return self.scheduler.time_shift(mu, 1.0, u.clamp(min=1e-6)).float()
+        count = len(self.timesteps)
+        index = (u * count).long().clamp(max=count - 1)
+        return self.sigmas[index]
+
     def sample_latents(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(packed noisy latents, packed flow-matching target, timestep in [0, 1]) for one step."""
+        """(packed noisy latents, packed flow-matching target, timestep in [0, 1]) for one step.
+
+        noisy = (1 - sigma) x0 + sigma noise, target = noise - x0, timestep = sigma (diffusers' Flux script).
+        """
         device = self.device
         latents = self.latents.sample(generator)
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        if self.settings.timestep_sampling == "logit_normal":
-            u = torch.sigmoid(torch.randn((1,), generator=generator))
-        else:
-            u = torch.rand((1,), generator=generator)
-        count = len(self.timesteps)
-        index = (u * count).long().clamp(max=count - 1)
-        sigma = self.sigmas[index].to(device)
-        timestep = self.timesteps[index].to(device) / 1000.0
+        sigma = self.draw_sigma(generator, latents.shape[-2] * latents.shape[-1] // 4).to(device)
         noisy = (1.0 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
-        return _pack(noisy), _pack(noise - latents), timestep
+        return _pack(noisy), _pack(noise - latents), sigma
 
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         packed, target, timestep = self.sample_latents(generator)
@@ -537,7 +621,10 @@ class SplitFluxRecipe:
         return loss, terms
 
     def complementary_loss(self) -> torch.Tensor:
-        """Mean complementary loss over the gated layers (each layer's term recomputed in backward if checkpointing)."""
+        """The gated layers' complementary losses, summed (the paper) or averaged (`complementary_reduction`).
+
+        With gradient checkpointing each layer's term is recomputed in backward instead of kept.
+        """
         terms = []
         for layer in self.gated_layers():
             if self.checkpointing:
@@ -547,7 +634,8 @@ class SplitFluxRecipe:
                                         layer.lora_A_residual, layer.lora_B_residual, use_reentrant=False))
             else:
                 terms.append(layer.complementary_loss())
-        return torch.stack(terms).mean()
+        stacked = torch.stack(terms)
+        return stacked.sum() if self.settings.complementary_reduction == "sum" else stacked.mean()
 
     def predict(self, packed: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
         """The transformer's forward with SplitFlux's two prompts (see the module docstring); packed prediction.
@@ -625,8 +713,12 @@ class SplitFluxRecipe:
     # -- after training -------------------------------------------------------------------------------
 
     def export_parts(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{"content", "content_reembed", "style"}: canonical standard-LoRA state dicts (see the module docstring)."""
-        parts: dict[str, dict[str, torch.Tensor]] = {"content": {}, "content_reembed": {}, "style": {}}
+        """{"content", "content_reembed", "boundary", "style"}: canonical standard-LoRA state dicts.
+
+        What each holds is in the module docstring and `part_composition`; `boundary` is left out when there are
+        no boundary blocks.
+        """
+        parts: dict[str, dict[str, torch.Tensor]] = {"content": {}, "content_reembed": {}, "boundary": {}, "style": {}}
 
         def put(part: str, module: str, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
             parts[part][f"{module}.lora_A.weight"] = factors[0].cpu().contiguous()
@@ -637,12 +729,9 @@ class SplitFluxRecipe:
             if role == "content":
                 put("content", name, layer.export_lora(self.settings.export_gate))
                 put("content_reembed", name, layer.export_content_branch())
-            elif role == "boundary":
-                put("content", name, layer.export_lora())
-                put("content_reembed", name, layer.export_lora())
             else:
-                put("style", name, layer.export_lora())
-        return parts
+                put(role, name, layer.export_lora())
+        return {part: state for part, state in parts.items() if state}
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:
@@ -685,7 +774,10 @@ class SplitFluxRequest(RunRequest):
     guidance: float = 1.0
     max_sequence_length: int | None = None  # None: 512 (FLUX.1's T5 length); 32 on tiny-flux
     timestep_sampling: str = "uniform"
+    complementary_reduction: str = "sum"
+    lora_init: str = "gaussian"
     quantize_base: str = "none"
+    use_8bit_adam: bool | None = False  # the paper's Adam keeps 32-bit state; None means False here too
 
 
 @dataclass
@@ -709,21 +801,17 @@ def prepare_request(request: SplitFluxRequest) -> PreparedRequest:
     from pipelines.models import resolve_model
     from pipelines.package import check_name, check_token, token_for_image
     from pipelines.storage import check_writable_target
-    from pipelines.training import work_dir_for
+    from pipelines.training import check_resume, check_run_request, work_dir_for
 
+    check_run_request(request)
     spec = resolve_model(request.model)
     if spec.arch != "flux":
         raise BlockStudioError(
             f"SplitFlux needs a Flux model; {request.model} is {spec.arch.upper()} (use B-LoRA for SDXL)"
         )
-    out = check_writable_target(request.out)
+    out = check_writable_target(request.out, force=request.force)
     check_name(out.name)
-    if request.steps < 1:
-        raise BlockStudioError(f"steps must be at least 1, not {request.steps}")
-    if not request.learning_rate > 0:
-        raise BlockStudioError(f"learning rate must be positive, not {request.learning_rate}")
-    if request.checkpoint_every < 0:
-        raise BlockStudioError(f"checkpoint interval must be 0 or more, not {request.checkpoint_every}")
+    check_resume(work_dir_for(out), request.resume)
     resolution = request.resolution or spec.resolution
     text_length = request.max_sequence_length or (TINY_TEXT_LENGTH if spec.tiny else 512)
     settings = SplitFluxSettings(
@@ -743,6 +831,8 @@ def prepare_request(request: SplitFluxRequest) -> PreparedRequest:
         max_sequence_length=text_length,
         guidance=request.guidance,
         timestep_sampling=request.timestep_sampling,
+        complementary_reduction=request.complementary_reduction,
+        lora_init=request.lora_init,
         quantize_base=request.quantize_base,
     )
     settings.validate(_single_block_count(spec))
@@ -784,8 +874,22 @@ def job_fields(prepared: PreparedRequest, request: SplitFluxRequest) -> dict:
         "text_gate": s.text_gate, "gate_source": s.gate_source, "style_text": s.style_text,
         "resolution": s.resolution, "max_sequence_length": s.max_sequence_length, "guidance": s.guidance,
         "timestep_sampling": s.timestep_sampling, "quantize_base": s.quantize_base, "seed": request.seed,
-        "learning_rate": request.learning_rate,
+        "learning_rate": request.learning_rate, "complementary_reduction": s.complementary_reduction,
+        "lora_init": s.lora_init, "optimizer": optimizer_name(bool(request.use_8bit_adam)),
     }
+
+
+def optimizer_name(use_8bit_adam: bool) -> str:
+    return "Adam, 8-bit state" if use_8bit_adam else "Adam, 32-bit state"
+
+
+def train_config(request: SplitFluxRequest) -> TrainConfig:
+    """The loop's settings for a request: the paper's Adam with 32-bit state unless 8-bit is asked for."""
+    options = {**loop_options(request), "use_8bit_adam": bool(request.use_8bit_adam)}
+    return default_train_config(
+        steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
+        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every, **options,
+    )
 
 
 def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=None, cancel=None, pipe=None) -> Path:
@@ -803,15 +907,12 @@ def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=No
 
     prepared = prepare_request(request)
     spec, crop, settings, out, work = prepared.spec, prepared.crop, prepared.settings, prepared.out, prepared.work
-    config = default_train_config(
-        steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
-        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every, **loop_options(request),
-    )
+    config = train_config(request)
     if pipe is None:
         pipe = load_flux_pipeline(request.model, quantize_base=settings.quantize_base)
     prepare_work_dir(work, job_fields(prepared, request), resume=request.resume, restart=request.restart)
     recipe = SplitFluxRecipe(pipe, crop, settings)
-    sample_steps = request.sample_steps or spec.steps
+    sample_steps = request.sample_steps or spec.fast_steps
     ct, st = settings.token, settings.style_token
     mix_prompt = f"A {ct} object in {st} style"
 
@@ -827,12 +928,14 @@ def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=No
         parts = recipe.export_parts()
     finally:
         recipe.remove_adapters()
-    full = {**parts["content"], **parts["style"]}
+    full = {k: v for part in ("content", "boundary", "style") for k, v in parts.get(part, {}).items()}
     samples = {"input": crop}
     sample_prompts = {}
+    uses = COMPOSITION["uses"]
     if request.samples:
         for stem, (active, prompt) in {
-            "full": (("content", "style"), mix_prompt),
+            "full": (tuple(p for p in ("content", "boundary", "style") if p in parts), mix_prompt),
+            "mix": ((uses["mix"], "style"), mix_prompt),
             "content": (("content",), f"A {ct} object"),
             "content_reembed": (("content_reembed",), f"A {ct} object wearing a hat"),
             "style": (("style",), f"A cat in {st} style"),
@@ -846,7 +949,7 @@ def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=No
                         result.loss_history[-1] if result.loss_history else None)
     contents = PackageContents(name=out.name, info=info, full=full, parts=parts, samples=samples,
                                loss_history=result.loss_history, prefix="transformer")
-    write_package(out, contents)
+    write_package(out, contents, replace=request.force)
     if not request.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -870,7 +973,8 @@ def sample_with_own_layers(pipe, parts: dict[str, dict[str, torch.Tensor]], prom
     def make(base):
         return LoRALinear(base, LoRAConfig(rank=1))
 
-    layers = inject_adapters(transformer, list(factors), make)
+    with building_modules():
+        layers = inject_adapters(transformer, list(factors), make)
     try:
         for module, layer in layers.items():
             a, b = factors[module]
@@ -880,6 +984,37 @@ def sample_with_own_layers(pipe, parts: dict[str, dict[str, torch.Tensor]], prom
         return preview_image(pipe, prompt, resolution, steps, seed, spec)
     finally:
         remove_adapters(transformer, list(layers))
+
+
+def part_composition(s: SplitFluxSettings) -> dict[str, dict]:
+    """adapter.json's `parts`: the blocks of every part, its branches with the scale folded into each, its rank.
+
+    Branches: `content` is dW_cnt, `residual` dW_res, `rca` the boundary blocks' update (scale alpha), `style` dW_s.
+    """
+    def blocks(role: str) -> str:
+        return f"{SINGLE_BLOCKS}.{format_blocks(getattr(s, f'{role}_blocks'))}"
+
+    wc, wr = (1.0, 1.0) if s.export_gate is None else (float(s.export_gate), 1.0 - float(s.export_gate))
+    parts = {
+        "content": {"blocks": blocks("content"), "branches": {"content": wc, "residual": wr}, "rank": s.rank,
+                    "description": "disentangled content: both content branches"},
+        "content_reembed": {"blocks": blocks("content"), "branches": {"content": 1.0}, "rank": s.content_rank,
+                            "description": "the content branch alone, for mixing and new prompts"},
+        "boundary": {"blocks": blocks("boundary"), "branches": {"rca": float(s.rca_alpha)},
+                     "rank": s.boundary_rank, "description": "the boundary blocks, loaded only when asked for"},
+        "style": {"blocks": blocks("style"), "branches": {"style": 1.0}, "rank": s.rank,
+                  "description": "the style blocks"},
+        "full": {"blocks": f"{SINGLE_BLOCKS}.{format_blocks(s.trained_blocks)}",
+                 "parts": ["content", "boundary", "style"], "description": "every trained block"},
+    }
+    if not s.boundary_blocks:
+        del parts["boundary"]
+        parts["full"]["parts"].remove("boundary")
+    return parts
+
+
+def _json_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def package_info(prepared: PreparedRequest, request: SplitFluxRequest, steps: int, sample_prompts: dict,
@@ -912,13 +1047,15 @@ def package_info(prepared: PreparedRequest, request: SplitFluxRequest, steps: in
             "exported_content": gate_export,
         },
         "style_text": s.style_text,
-        "parts": {
-            "content": "content blocks, both branches as one LoRA, plus the boundary blocks",
-            "content_reembed": f"content blocks' rank-{s.content_rank} branch alone, plus the boundary blocks",
-            "style": "style blocks",
-        },
+        "composition": COMPOSITION,
+        "parts": part_composition(s),
         "target_modules": list(s.target_modules),
         "complementary_weight": s.complementary_weight,
+        "complementary_reduction": s.complementary_reduction,
+        "optimizer": optimizer_name(bool(request.use_8bit_adam)),
+        "lora_init": s.lora_init,
+        "paper_silent": {name: {"value": _json_value(getattr(s, name)), "decides": decides}
+                         for name, decides in PAPER_SILENT.items()},
         "steps": steps,
         "learning_rate": request.learning_rate,
         "seed": request.seed,

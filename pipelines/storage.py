@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipelines.errors import BlockStudioError
+
 
 def home_dir() -> Path:
     """Block Studio's data folder: $BLOCKSTUDIO_HOME, else ~/.cache/blockstudio."""
@@ -43,17 +45,20 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it becomes `path` (replacing an older one), else it is removed.
+def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it becomes `path`, else it is removed.
 
-    The old folder stays in place until the new one is complete, and is removed only after the swap.
+    With `replace` an older `path` stays in place until the new one is complete and is removed only after the
+    swap; without it, a `path` that exists when the staging folder is complete is left alone and the write fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
     try:
         yield staging
-        if path.exists():
+        if path.exists() or path.is_symlink():
+            if not replace:
+                raise TargetExists(f"{path} appeared while it was being written; it was left as it is")
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
@@ -70,11 +75,61 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_writable_target(path: str | os.PathLike) -> Path:
-    """Fail early, before any work, if `path` cannot be created or replaced as a folder."""
+class TargetExists(BlockStudioError):
+    """An output folder that holds something the command was not asked to replace."""
+
+
+def is_package(folder: Path) -> bool:
+    return (folder / "adapter.json").is_file() and not (folder / "adapter.json").is_symlink()
+
+
+def _protected(path: Path) -> str | None:
+    """Why `path` is never replaced, even with --force; None when it may be."""
+    resolved = path.resolve()
+    for keep, what in ((Path.cwd(), "the current folder"), (Path.home(), "your home folder"),
+                       (home_dir(), "Block Studio's data folder")):
+        keep = keep.resolve()
+        if keep == resolved or keep.is_relative_to(resolved):
+            return f"it is {what} or holds it"
+    if resolved.parent == resolved:
+        return "it is the root of the file system"
+    with os.scandir(path) as entries:
+        if any(e.is_dir(follow_symlinks=False) and is_package(Path(e.path)) for e in entries):
+            return "it holds adapter packages; give a new folder inside it, e.g. " + str(path / "my-adapter")
+    return None
+
+
+def check_writable_target(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Fail early, before any work, if `path` cannot be created, or replaced as asked, as a package folder.
+
+    A missing or empty folder is fine. An existing package is replaced only with `force`; a folder of other
+    files only with `force` too, and never one that holds packages, the data folder, the home or current folder.
+    An `<out>.partial` that is not an unfinished Block Studio run is never touched.
+    """
     path = Path(path).expanduser()
+    if path.is_symlink():
+        raise TargetExists(f"output path {path} is a link; give a folder path")
     if path.exists() and not path.is_dir():
-        raise ValueError(f"output path {path} exists and is not a folder")
+        raise TargetExists(f"output path {path} exists and is not a folder; choose a new name")
+    if path.is_dir() and any(path.iterdir()):
+        if is_package(path):
+            if not force:
+                raise TargetExists(f"{path} is an existing adapter package; pass --force to replace it, "
+                                   "or choose a new name")
+        else:
+            reason = _protected(path)
+            if reason:
+                raise TargetExists(f"{path} is not an adapter package and is never replaced ({reason})")
+            if not force:
+                raise TargetExists(f"{path} holds files that are not an adapter package; choose a new name, "
+                                   "or pass --force to replace that folder and everything in it")
+    partial = path.parent / f"{path.name}.partial"
+    if (partial.exists() or partial.is_symlink()) and (
+        partial.is_symlink() or not partial.is_dir()
+        or (any(partial.iterdir()) and not (partial / "job.json").is_file())
+    ):
+        raise TargetExists(f"{partial} exists and is not an unfinished Block Studio run; move it away or "
+                           "choose a new name")
     parent = path.parent
     probe_from = parent
     while not probe_from.exists():

@@ -25,7 +25,12 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipelines.checks import real_number, seed, whole_number
+from pipelines.errors import BlockStudioError, InvalidSetting
 from pipelines.storage import atomic_dir, write_json
+
+MAX_STEPS = 100_000
+MAX_LEARNING_RATE = 1.0
 
 
 class TrainingCancelled(Exception):
@@ -40,6 +45,18 @@ class TrainingPaused(TrainingCancelled):
         super().__init__(f"training paused at step {step} of {total}")
         self.step = step
         self.total = total
+
+
+class TrainingDiverged(BlockStudioError):
+    """The loss or the trained weights became NaN or infinite; nothing of the run is written as a package."""
+
+
+class CorruptCheckpoint(BlockStudioError):
+    """A checkpoint file that cannot be read back; the message names it and says how to start over."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path  # the damaged file (or checkpoint folder)
 
 
 class CancelToken:
@@ -116,6 +133,39 @@ class RunRequest:
     resume: bool = False
     restart: bool = False
     keep_checkpoints: bool = False
+    force: bool = False  # replace an existing package (or a folder of other files) at `out`
+
+
+def check_run_request(request: RunRequest) -> None:
+    """Check the loop settings every recipe shares, in place (numbers become plain ints and floats).
+
+    Refuses bools, NaN, infinities and values out of range with one line each, and 8-bit Adam where it
+    cannot run, before any model is loaded.
+    """
+    request.steps = whole_number(request.steps, "steps", 1, MAX_STEPS)
+    request.rank = whole_number(request.rank, "rank", 1, 1024)
+    request.learning_rate = real_number(request.learning_rate, "learning rate", 0.0, MAX_LEARNING_RATE,
+                                        above_low=True)
+    request.seed = seed(request.seed)
+    request.checkpoint_every = whole_number(request.checkpoint_every, "checkpoint interval", 0, MAX_STEPS)
+    request.sample_every = whole_number(request.sample_every, "preview interval", 0, MAX_STEPS)
+    if request.sample_steps is not None:
+        request.sample_steps = whole_number(request.sample_steps, "sample steps", 1, 1000)
+    if request.resolution is not None:
+        request.resolution = whole_number(request.resolution, "resolution", 64, 4096)
+    if request.resume and request.restart:
+        raise InvalidSetting("--resume and --restart contradict each other; pass one of them")
+    if request.mixed_precision is not None:
+        resolve_mixed_precision(request.mixed_precision, torch.device("cpu"))
+    check_optimizer(request.use_8bit_adam)
+    loop_options(request)  # the speed levers and the steps per call
+
+
+def check_optimizer(use_8bit_adam: bool | None) -> None:
+    """8-bit Adam only where it runs: a CUDA GPU with bitsandbytes."""
+    if use_8bit_adam and not (torch.cuda.is_available() and _bitsandbytes_available()):
+        raise InvalidSetting("8-bit Adam (--use-8bit-adam) needs a CUDA GPU and the bitsandbytes package; "
+                             "leave it out on this machine")
 
 
 class CachedLatents:
@@ -187,7 +237,7 @@ class Recipe(Protocol):
 def resolve_mixed_precision(requested: str | None, device: torch.device) -> str:
     if requested is not None:
         if requested not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed precision must be 'no', 'fp16' or 'bf16', not {requested!r}")
+            raise InvalidSetting(f"mixed precision must be 'no', 'fp16' or 'bf16', not {requested!r}")
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -254,14 +304,14 @@ def loop_options(request: RunRequest) -> dict[str, Any]:
     options = {name: getattr(request, name) for name in LEVERS}
     for name in ("gradient_checkpointing", "use_8bit_adam", "compile_blocks", "fused_adam", "tf32", "channels_last"):
         if options[name] is not None and not isinstance(options[name], bool):
-            raise ValueError(f"{name.replace('_', ' ')} must be on, off or unset, not {options[name]!r}")
+            raise InvalidSetting(f"{name.replace('_', ' ')} must be on, off or unset, not {options[name]!r}")
     if options["attention"] is not None and options["attention"] not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {options['attention']!r}")
+        raise InvalidSetting(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {options['attention']!r}")
     if options["mixed_precision"] is not None:
         resolve_mixed_precision(options["mixed_precision"], torch.device("cpu"))
     chunk = request.max_steps_this_call
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"steps per call must be a whole number of at least 1, not {chunk!r}")
+        raise InvalidSetting(f"steps per call must be a whole number of at least 1, not {chunk!r}")
     return options
 
 
@@ -345,8 +395,9 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device
         weight_decay=config.weight_decay,
     )
     if use_8bit:
-        if not _bitsandbytes_available() or device.type != "cuda":
-            raise RuntimeError("8-bit Adam needs bitsandbytes and a CUDA GPU; install the 'gpu' extra")
+        if device.type != "cuda":
+            raise InvalidSetting("8-bit Adam (--use-8bit-adam) needs a CUDA GPU; leave it out on this machine")
+        check_optimizer(True)
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
@@ -399,9 +450,10 @@ def save_checkpoint(
     config: TrainConfig,
 ) -> Path:
     target = folder / f"checkpoint-{step:06d}"
+    weights = {k: v.detach().cpu().contiguous() for k, v in recipe.adapter_state_dict().items()}
+    check_finite_weights(weights.values(), step, config)
     with atomic_dir(target) as staging:
-        save_file({k: v.detach().cpu().contiguous() for k, v in recipe.adapter_state_dict().items()},
-                  staging / "adapter.safetensors")
+        save_file(weights, staging / "adapter.safetensors")
         opt_tensors, opt_meta = _optimizer_to_tensors(optimizer)
         save_file(opt_tensors, staging / "optimizer.safetensors")
         save_file({"generator": generator.get_state()}, staging / "rng.safetensors")
@@ -409,6 +461,41 @@ def save_checkpoint(
             "step": step, "loss_history": loss_history, "optimizer": opt_meta, "config": config.to_dict(),
         })
     return target
+
+
+def check_finite_weights(weights, step: int, config: TrainConfig) -> None:
+    """Stop a run whose weights became NaN or infinite: they are never checkpointed or written as a package."""
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        raise TrainingDiverged(f"training diverged: the adapter's weights became NaN or infinite by step {step}; "
+                               f"lower the learning rate ({config.learning_rate:g}) and start again")
+
+
+CHECKPOINT_FILES = ("adapter.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """Read a checkpoint's state.json and the headers of its tensor files (which also catch truncation).
+
+    Raises `CorruptCheckpoint` naming the first file that cannot be read; returns the state.
+    """
+    from safetensors import safe_open
+
+    def damaged(name: str, reason: str) -> CorruptCheckpoint:
+        return CorruptCheckpoint(f"the checkpoint {checkpoint / name} is damaged ({reason}); "
+                                 "start over with --restart", checkpoint / name)
+
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        int(state["step"]), list(state["loss_history"]), state["optimizer"]["param_groups"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise damaged("state.json", type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:120]) from None
+    for name in CHECKPOINT_FILES:
+        try:
+            with safe_open(str(checkpoint / name), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error type for truncated or garbled files
+            raise damaged(name, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__) from None
+    return state
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -430,10 +517,16 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> tuple[int, list[float]]:
-    state = json.loads((checkpoint / "state.json").read_text())
-    recipe.load_adapter_state_dict(load_file(checkpoint / "adapter.safetensors"))
-    _optimizer_from_tensors(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
-    generator.set_state(load_file(checkpoint / "rng.safetensors")["generator"])
+    state = verify_checkpoint(checkpoint)
+    try:
+        recipe.load_adapter_state_dict(load_file(checkpoint / "adapter.safetensors"))
+        _optimizer_from_tensors(optimizer, load_file(checkpoint / "optimizer.safetensors"), state["optimizer"])
+        generator.set_state(load_file(checkpoint / "rng.safetensors")["generator"])
+    except BlockStudioError:
+        raise
+    except Exception as exc:  # readable files whose contents do not fit this run
+        raise CorruptCheckpoint(f"the checkpoint {checkpoint} cannot be loaded ({str(exc).splitlines()[0][:160]}); "
+                                "start over with --restart", checkpoint) from None
     return int(state["step"]), list(state["loss_history"])
 
 
@@ -450,18 +543,33 @@ def prepare_work_dir(work: Path, job: dict, *, resume: bool, restart: bool) -> N
     """
     job_file = work / "job.json"
     if latest_checkpoint(work) is not None:
-        previous = json.loads(job_file.read_text()) if job_file.is_file() else {}
         if restart:
             shutil.rmtree(work)
         elif not resume:
             raise ValueError(
                 f"an unfinished run exists in {work}; pass --resume to continue it or --restart to start over"
             )
+        elif not isinstance(previous := _read_job_file(job_file), dict):
+            raise CorruptCheckpoint(f"{job_file} is damaged; start over with --restart", job_file)
         elif {k: previous.get(k) for k in job} != job:
             changed = sorted(k for k in job if previous.get(k) != job[k])
             raise ValueError(f"cannot resume from {work}: the run used a different {', '.join(changed)}")
     work.mkdir(parents=True, exist_ok=True)
     write_json(job_file, job)
+
+
+def _read_job_file(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return None
+
+
+def check_resume(work: Path, resume: bool) -> None:
+    """With `resume`, fail before any model is loaded if the checkpoint to resume from cannot be read."""
+    checkpoint = latest_checkpoint(work) if resume else None
+    if checkpoint is not None:
+        verify_checkpoint(checkpoint)
 
 
 @contextlib.contextmanager
@@ -570,7 +678,9 @@ def _train_steps(recipe: Recipe, config: TrainConfig, work_dir: Path, module: to
             with accelerator.accumulate(module):
                 loss, terms = recipe.loss(generator)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}; try a lower learning rate")
+                    raise TrainingDiverged(
+                        f"training diverged: the loss became {loss.item()} at step {step + 1}; lower the learning "
+                        f"rate ({config.learning_rate:g}) and start again")
                 accelerator.backward(loss)
                 if config.max_grad_norm and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -579,12 +689,6 @@ def _train_steps(recipe: Recipe, config: TrainConfig, work_dir: Path, module: to
             step += 1
             loss_value = float(loss.detach().item())
             loss_history.append(loss_value)
-            if on_progress is not None:
-                elapsed = time.perf_counter() - started
-                done = step - start_step
-                rate = done / elapsed if elapsed > 0 else 0.0
-                eta = (config.steps - step) / rate if rate > 0 else math.inf
-                on_progress(ProgressEvent(step, config.steps, loss_value, elapsed, rate, eta, terms))
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 path = save_checkpoint(work_dir, step, recipe, optimizer, generator, loss_history, config)
                 _prune_checkpoints(work_dir, config.checkpoints_to_keep)
@@ -593,9 +697,18 @@ def _train_steps(recipe: Recipe, config: TrainConfig, work_dir: Path, module: to
                     on_checkpoint(step, path)
             if on_sample is not None and config.sample_every and step % config.sample_every == 0:
                 on_sample(step)
+            if on_progress is not None:
+                # Reported once the step's checkpoint and preview are done: they are part of what a step
+                # costs, and the first step's speed would otherwise leave them out.
+                elapsed = time.perf_counter() - started
+                done = step - start_step
+                rate = done / elapsed if elapsed > 0 else 0.0
+                eta = (config.steps - step) / rate if rate > 0 else math.inf
+                on_progress(ProgressEvent(step, config.steps, loss_value, elapsed, rate, eta, terms))
     except TrainingCancelled:
         if step > last_saved:
             save_checkpoint(work_dir, step, recipe, optimizer, generator, loss_history, config)
             _prune_checkpoints(work_dir, config.checkpoints_to_keep)
         raise
+    check_finite_weights(params, step, config)
     return TrainResult(step, loss_history, time.perf_counter() - started, resumed_from)

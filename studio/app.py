@@ -15,17 +15,18 @@ from typing import Any
 import gradio as gr
 
 from pipelines.models import REGISTRY
-from pipelines.storage import atomic_file, home_dir
+from pipelines.storage import home_dir
 from studio.gpu import on_zero_gpu
 from studio.jobs import JobManager
+from studio.methods import METHODS
 from studio.mixing import GenerationService
 from studio.ui import library as library_tab
 from studio.ui import mix as mix_tab
 from studio.ui import reembed as reembed_tab
 from studio.ui import share as share_tab
 from studio.ui import train as train_tab
-from studio.ui.common import Studio, package_choices
-from studio.workspace import is_workspace_id, new_workspace_id, workspaces_root
+from studio.ui.common import Studio, banner, picker_updates
+from studio.workspace import is_workspace_id, new_workspace_id, secret_file, workspaces_root
 
 MAX_UPLOAD = os.environ.get("BLOCKSTUDIO_MAX_UPLOAD", "1gb")  # a rank-64 SDXL package zip is about 500 MB
 
@@ -83,27 +84,14 @@ def training_options() -> dict[str, Any]:
 
 
 def browser_secret(home: Path) -> str:
-    """The key the browser's workspace id is stored under; stable across restarts so users find their work."""
+    """The key the browser's workspace id is stored under; stable across restarts so users find their work.
+
+    Gradio publishes it in the page, so it hides the id from nothing but casual reading; what makes an id
+    trustworthy is the server's signature on it (`studio.workspace`).
+    """
     if os.environ.get("BLOCKSTUDIO_SECRET"):
         return os.environ["BLOCKSTUDIO_SECRET"]
-    path = home / "browser-secret"
-    if not path.is_file():
-        with atomic_file(path) as tmp:
-            tmp.write_text(secrets.token_urlsafe(24))
-            tmp.chmod(0o600)
-    return path.read_text().strip()
-
-
-def banner(gpu: bool) -> tuple[str, str] | None:
-    if not gpu:
-        return ("cpu", "**No GPU here, so the studio runs on tiny random-weight models** (`tiny-sdxl`). They make "
-                "noise, not pictures: they are for trying the whole workflow (train, mix, re-embed, export, "
-                "share) in seconds. Run Block Studio on a GPU for SDXL and Flux.")
-    if on_zero_gpu():
-        return ("zero", "**ZeroGPU.** Mixing and re-embedding get a GPU per request. Training runs in chunks of "
-                "steps, each a short GPU call that resumes where the last one stopped; other people's jobs run "
-                "between the chunks, so a job takes longer here than on dedicated GPU hardware.")
-    return None
+    return secret_file(home / "browser-secret", lambda: secrets.token_urlsafe(24))
 
 
 def build_app(home: Path | None = None, *, jobs: JobManager | None = None,
@@ -121,14 +109,15 @@ def build_app(home: Path | None = None, *, jobs: JobManager | None = None,
         default_models=default_models(gpu),
         hub_endpoint=hub_endpoint,
     )
-    notice = banner(gpu)
+    first_arch = next((m.arch for m in METHODS.values() if m.available), "sdxl")
+    notice = banner(gpu, studio.default_models.get(first_arch))
     with gr.Blocks(title="Block Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         studio.workspace = gr.BrowserState(None, storage_key="blockstudio-workspace", secret=browser_secret(home))
         gr.HTML("<div class='bs-header'><h1><span class='bs-logo' aria-hidden='true'><i></i><i></i></span>"
                 "Block Studio</h1><p>One image in, a <b>content</b> adapter and a <b>style</b> adapter out. Then "
                 "mix them: the subject of one picture in the style of another.</p></div>")
         if notice:
-            gr.Markdown(notice[1], elem_classes=["bs-banner", notice[0]], elem_id="bs-banner")
+            studio.banner = gr.Markdown(notice[1], elem_classes=["bs-banner", notice[0]], elem_id="bs-banner")
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(studio)
@@ -152,19 +141,13 @@ def build_app(home: Path | None = None, *, jobs: JobManager | None = None,
 def _wire_pages(demo: gr.Blocks, studio: Studio, train, library, mix, pages: list[gr.Tab]) -> None:
     """Page load restores the workspace and the newest job; opening a tab refreshes its package lists."""
     ws = studio.workspace
-    pickers = [d for d, _ in studio.package_pickers]
+    pickers = [p.dropdown for p in studio.package_pickers]
 
     def open_workspace(current: str | None) -> str:
-        return current if is_workspace_id(current) else new_workspace_id()
+        return current if is_workspace_id(current, studio.home) else new_workspace_id(studio.home)
 
     def refresh_pickers(workspace_id: str | None, *selected: str | None):
-        updates = []
-        for (_, part), value in zip(studio.package_pickers, selected, strict=True):
-            choices = package_choices(studio, workspace_id, part)
-            values = [v for _, v in choices]
-            updates.append(gr.Dropdown(choices=choices, value=value if value in values else
-                                       (values[0] if values else None)))
-        return updates
+        return picker_updates(studio, workspace_id, list(selected))
 
     private = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     (demo.load(open_workspace, [ws], [ws], api_name="workspace", concurrency_limit=None)
@@ -174,6 +157,10 @@ def _wire_pages(demo: gr.Blocks, studio: Studio, train, library, mix, pages: lis
      .then(mix.refresh, [ws], mix.outputs, **private))
     for page in pages:
         page.select(refresh_pickers, [ws] + pickers, pickers, **private)
+    # A mix needs one base model: choosing a content package narrows the style list to its base model.
+    for picker in studio.package_pickers:
+        if picker.partner is not None:
+            picker.partner.input(refresh_pickers, [ws] + pickers, pickers, **private)
     pages[0].select(library.refresh, [ws], library.outputs, **private)
 
 

@@ -1,4 +1,4 @@
-"""`blockstudio` commands: train, generate, import, inspect, models, app.
+"""`blockstudio` commands: train, generate, import, inspect, models, lab, app.
 
 Every command validates its input before loading a model, prints one-line errors (exit code 2) for bad
 input, and never leaves half-written files behind.
@@ -86,7 +86,7 @@ def _run_request_fields(args: argparse.Namespace) -> dict:
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
         attention=args.attention, compile_blocks=args.compile_blocks, fused_adam=args.fused_adam, tf32=args.tf32,
         channels_last=args.channels_last,
-        resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints, force=args.force,
     )
 
 
@@ -108,6 +108,7 @@ def cmd_train_splitflux(args: argparse.Namespace) -> int:
         gate_source=args.gate_source, style_text=args.style_text, export_gate=args.export_gate,
         guidance=args.training_guidance, max_sequence_length=args.max_sequence_length,
         timestep_sampling=args.timestep_sampling, quantize_base=args.quantize_base,
+        complementary_reduction=args.complementary_reduction, lora_init=args.lora_init,
     )
     return _run_training(lambda **kw: train_splitflux(request, **kw), args.out)
 
@@ -144,28 +145,35 @@ def _run_training(run, out: str) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipelines.generation import AdapterChoice, StudioPipeline
+    from pipelines.generation import AdapterChoice, StudioPipeline, check_sampling
     from pipelines.package import AdapterPackage
     from pipelines.storage import atomic_file
 
-    content = AdapterChoice(AdapterPackage.open(args.content), args.content_part, args.content_scale) \
-        if args.content else None
-    style = AdapterChoice(AdapterPackage.open(args.style), "style", args.style_scale) if args.style else None
+    sampling = check_sampling(seed=args.seed, steps=args.steps, guidance=args.guidance, width=args.width,
+                              height=args.height, num_images=args.num_images)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out must end in .png, .jpg or .webp, not {out.name!r}")
+    paths = [out] if sampling["num_images"] == 1 else \
+        [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(sampling["num_images"])]
+    for path in paths:
+        if path.is_dir() or (path.exists() and not args.force):
+            raise ValueError(f"{path} already exists; pass --force to replace it, or choose another --out")
+    content = None
+    if args.content:
+        package = AdapterPackage.open(args.content)
+        part = args.content_part or package.part_for("mix")
+        content = AdapterChoice(package, part, args.content_scale, ("boundary",) if args.with_boundary else ())
+    elif args.with_boundary:
+        raise ValueError("--with-boundary loads the boundary blocks of the --content package; give --content")
+    style = AdapterChoice.for_use(AdapterPackage.open(args.style), "style", args.style_scale) if args.style else None
     model = args.model or (content or style).package.base_model if (content or style) else args.model
     if not model:
         raise ValueError("give --model (or an adapter package, whose base model is then used)")
     studio = StudioPipeline(model)
-    images = studio.generate(
-        args.prompt, content=content, style=style, seed=args.seed, steps=args.steps, guidance=args.guidance,
-        width=args.width, height=args.height, negative_prompt=args.negative_prompt, num_images=args.num_images,
-    )
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-
-
-    for image, path in zip(images, paths, strict=False):
+    images = studio.generate(args.prompt, content=content, style=style, negative_prompt=args.negative_prompt,
+                             fast=args.fast, **sampling)
+    for image, path in zip(images, paths, strict=True):
         with atomic_file(path) as tmp:
             image.save(tmp, format=_pil_format(path))
         print(path)
@@ -180,7 +188,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pipelines.importer import import_lora
 
     path = import_lora(args.file, args.out, model=args.model, token=args.token, method=args.method,
-                       pipe=None)
+                       pipe=None, force=args.force)
     print(f"imported into {path}")
     return 0
 
@@ -213,6 +221,70 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class LabProgressPrinter:
+    """A lab run's percentage and message on one updating line (a line every 10% when not a terminal)."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.started = time.perf_counter()
+        self.last_tenth = -1
+
+    def __call__(self, fraction: float, message: str) -> None:
+        text = f"{100 * fraction:3.0f}%  {_format_seconds(time.perf_counter() - self.started)}  {message}"
+        if self.tty:
+            self.stream.write("\r" + text[:100].ljust(100) + ("\n" if fraction >= 1 else ""))
+            self.stream.flush()
+        elif int(fraction * 10) > self.last_tenth:
+            self.last_tenth = int(fraction * 10)
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+def _lab_overrides(items: list[str]) -> dict[str, str]:
+    """`--set key=value` options as a dict; a malformed or repeated one is refused."""
+    import re
+
+    values: dict[str, str] = {}
+    for item in items:
+        match = re.fullmatch(r"([a-z_][a-z0-9_]*)=(.*)", item, flags=re.DOTALL)
+        if match is None:
+            raise ValueError(f"--set takes key=value (e.g. --set steps=100), not {item!r}")
+        key, value = match.groups()
+        if key in values:
+            raise ValueError(f"--set {key} is given twice")
+        values[key] = value
+    return values
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from pipelines.adapters import METHODS
+    from pipelines.lab import EXPERIMENTS, Progress, experiment_for, make_settings, run_experiment
+    from pipelines.storage import check_writable_target
+
+    if args.lab_command == "list":
+        for name, info in sorted(METHODS.items(), key=lambda item: (item[0] not in EXPERIMENTS, item[0])):
+            ok, why = info.available()
+            status = ("runnable" if ok else f"unavailable: {why}") if name in EXPERIMENTS else "no experiment yet"
+            print(f"{name:18s} {info.title[:40]:40s} {status}")
+        return 0
+    experiment = experiment_for(args.method)
+    base = experiment.settings_cls.quick() if args.quick else experiment.settings_cls()
+    settings = make_settings(args.method, {**base.to_dict(), **_lab_overrides(args.set or [])})
+    out = check_writable_target(args.out) if args.out else None
+    try:
+        result = run_experiment(args.method, settings, Progress(LabProgressPrinter(), interval=0.5))
+    except KeyboardInterrupt:
+        print("\ncancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    if out is not None:
+        result.save(out)
+    print(result.summary)
+    if out is not None:
+        print(f"\nresult written to {out} (result.json and {len(result.figures)} figures)")
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from studio.app import launch
 
@@ -240,9 +312,13 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
                    help="write a preview to OUT.partial/samples every N steps (0: none)")
     p.add_argument("--no-samples", action="store_true", help="skip the preview images")
     p.add_argument("--sample-steps", type=int, default=None)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: bf16 on a GPU that has it (else fp16), fp32 on a CPU; the official B-LoRA "
+                        "command trains in fp16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="8-bit optimizer state (B-LoRA: on by default on a GPU with bitsandbytes, as the official "
+                        "command; SplitFlux: off unless given, the paper's Adam keeps 32-bit state)")
     # Speed levers; left out, each is decided from the hardware (pipelines/training.py, LEVERS).
     from pipelines.training import ATTENTION_CHOICES
 
@@ -256,6 +332,11 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
                    help="TensorFloat-32 matrix products (default: on a CUDA GPU)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format for the UNet (default: on a CUDA GPU)")
+    _add_force_option(p, "an existing package (or a folder of other files) at --out")
+
+
+def _add_force_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what}")
 
 
 def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
@@ -269,6 +350,10 @@ def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style-blocks", default="12-37", help="single blocks with the style LoRA")
     p.add_argument("--rca-alpha", type=int, default=2, help="boundary rank is RANK/alpha, its update times alpha")
     p.add_argument("--complementary-weight", type=float, default=0.1)
+    p.add_argument("--complementary-reduction", choices=["sum", "mean"], default="sum",
+                   help="combine the gated layers' complementary losses by sum (the paper) or mean")
+    p.add_argument("--lora-init", choices=["gaussian", "kaiming"], default="gaussian",
+                   help="initial down factors: N(0, 1/rank) (PEFT's gaussian) or Kaiming-uniform (PEFT's default)")
     p.add_argument("--text-gate", type=float, default=1.0, help="gate of text tokens in the content blocks (0-1)")
     p.add_argument("--gate-source", choices=["block_input", "layer_input"], default="block_input",
                    help="features whose norms gate image tokens")
@@ -278,7 +363,9 @@ def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
                    help="fixed gate for content.safetensors (default: both branches at weight 1)")
     p.add_argument("--training-guidance", type=float, default=1.0, help="guidance embedding value while training")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default 512; 32 on tiny-flux)")
-    p.add_argument("--timestep-sampling", choices=["uniform", "logit_normal"], default="uniform")
+    p.add_argument("--timestep-sampling", choices=["uniform", "logit_normal", "flux_shift"], default="uniform",
+                   help="how sigma is drawn: uniform, sigmoid of a normal, or that shifted by the image size "
+                        "(sd-scripts' flux_shift)")
     p.add_argument("--quantize-base", choices=["none", "fp8", "nf4"], default="none",
                    help="store the frozen transformer in fp8 (layerwise casting) or NF4 (bitsandbytes, CUDA)")
 
@@ -306,16 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--style", default=None, help="package whose style adapter to use")
     gen.add_argument("--content-scale", type=float, default=1.0)
     gen.add_argument("--style-scale", type=float, default=1.0)
-    gen.add_argument("--content-part", default="content", help="which content part (SplitFlux: content_reembed)")
+    gen.add_argument("--content-part", default=None,
+                     help="which content part (default: the one the package mixes with; SplitFlux: content_reembed, "
+                          "the content branch, as the paper mixes; content: both content branches)")
+    gen.add_argument("--with-boundary", action="store_true",
+                     help="also load the content package's boundary blocks (SplitFlux), at the content scale")
     gen.add_argument("--prompt", default=None, help='e.g. "A [c] in [s] style"; [c]/[s] become the tokens')
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None, help="default: the model's (SDXL 50)")
+    gen.add_argument("--fast", action="store_true", help="without --steps: the model's fast steps (SDXL 30)")
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--out", required=True, help="image file to write (.png, .jpg, .webp)")
+    _add_force_option(gen, "an existing image file at --out")
     gen.set_defaults(func=cmd_generate)
 
     imp = sub.add_parser("import", help="import a LoRA made elsewhere into an adapter package")
@@ -324,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--model", default="sdxl")
     imp.add_argument("--token", default=None, help="the trigger token it was trained with (default: [v])")
     imp.add_argument("--method", default="b-lora", choices=["b-lora"])
+    _add_force_option(imp, "an existing package (or a folder of other files) at --out")
     imp.set_defaults(func=cmd_import)
 
     ins = sub.add_parser("inspect", help="show a package's adapter.json or a file's safetensors metadata")
@@ -334,6 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["list", "path"])
     models.add_argument("name", nargs="?")
     models.set_defaults(func=cmd_models)
+
+    lab = sub.add_parser("lab", help="run the adapter lab's experiments")
+    lab_commands = lab.add_subparsers(dest="lab_command", required=True)
+    lab_commands.add_parser("list", help="the adapter methods and whether each has an experiment").set_defaults(
+        func=cmd_lab)
+    lab_run = lab_commands.add_parser("run", help="run a method's experiment; print its summary")
+    lab_run.add_argument("method", help="a method name from `blockstudio lab list`")
+    lab_run.add_argument("--quick", action="store_true", help="the quick settings (seconds) instead of the full demo")
+    lab_run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="change one setting, e.g. --set ranks=1,2,4 --set steps=100 (repeatable)")
+    lab_run.add_argument("--out", default=None, help="folder for the result: result.json and one PNG per figure")
+    lab_run.set_defaults(func=cmd_lab)
 
     app = sub.add_parser("app", help="start the studio in the browser")
     app.add_argument("--host", default="127.0.0.1")
@@ -349,10 +455,19 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"blockstudio: error: {message}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, OverflowError) as exc:
+        print(f"blockstudio: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _one_line(exc: BaseException) -> str:
+    from pipelines.errors import is_disk_full
+
+    if is_disk_full(exc):
+        where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        return f"the disk is full{where}; free some space and run the command again (--resume continues a run)"
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(message).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipelines.errors import BlockStudioError
+from pipelines.package import has_links
 
-_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 # Things that never belong on the Hub: unfinished runs, staging folders, editor leftovers.
 IGNORE = [".*", "**/.*", "*.partial/**", "*.tmp"]
 
@@ -49,9 +52,29 @@ def resolve_token(typed: str | None) -> str:
 
 def check_repo_id(repo_id: str) -> str:
     repo_id = (repo_id or "").strip()
-    if not _REPO_RE.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
+    if not _REPO_RE.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
         raise HubError("repository must look like your-name/adapter-name (letters, digits, '-', '_', '.')")
     return repo_id
+
+
+def _unreachable(exc: BaseException, endpoint: str) -> str | None:
+    """Why the Hub could not be asked at all (offline mode, no network, no such host, a timeout), in words; None
+    when the Hub answered (an HTTP error such as 401 says what the Hub said)."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(exc, HfHubHTTPError):
+        return None
+    if isinstance(exc, OfflineModeIsEnabled):
+        return "this server runs with HF_HUB_OFFLINE set, so it does not contact the Hub; unset it to push"
+    host = urlsplit(endpoint).netloc or endpoint
+    seen: BaseException | None = exc
+    while seen is not None:
+        transport = any(k.__name__ == "TransportError" for k in type(seen).__mro__)
+        if transport or isinstance(seen, (ConnectionError, socket.gaierror, TimeoutError)):
+            return (f"the Hub ({host}) cannot be reached from this server; check its network connection "
+                    "(or HF_ENDPOINT) and push again")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def push_package(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = True,
@@ -62,6 +85,9 @@ def push_package(folder: str | Path, repo_id: str, *, token: str | None = None, 
     folder = Path(folder)
     if not (folder / "adapter.json").is_file() or not (folder / "README.md").is_file():
         raise HubError(f"{folder.name} is not a complete adapter package (adapter.json and README.md needed)")
+    if has_links(folder):
+        # upload_folder would follow them and publish whatever they point at.
+        raise HubError(f"{folder.name} holds links to other files, which are never uploaded; remove them first")
     repo_id = check_repo_id(repo_id)
     secret = resolve_token(token)
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
@@ -73,6 +99,9 @@ def push_package(folder: str | Path, repo_id: str, *, token: str | None = None, 
             commit_message=f"Upload {folder.name} adapter package from Block Studio",
         )
     except Exception as exc:
+        reason = _unreachable(exc, api.endpoint)
+        if reason:
+            raise HubError(f"push to {repo_id} failed: {reason}") from None
         # Errors from the HTTP stack can echo headers or URLs; none of it may carry the token out.
         detail = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, secret)
         raise HubError(f"push to {repo_id} failed: {detail[:300]}") from None

@@ -1,10 +1,15 @@
-"""Training jobs: a first-in first-out queue served by one worker (one job per GPU at a time), records on disk.
+"""Training and lab jobs: a first-in first-out queue served by one worker (one job per GPU at a time), records on disk.
 
 Each job has a JSON record in its owner's workspace (`jobs/<id>/job.json`) with its status, step, loss
 history, speed, ETA, previews, checkpoint and error, so the page can re-read it after a reload and the server
 finds it again after a restart. Cancelling sets the loop's `CancelToken`: training stops before the next step
 and keeps a checkpoint, from which the job resumes exactly. Jobs found running when the server starts were cut
 off by a crash; they become `interrupted` and resume from their last checkpoint.
+
+A lab job (`kind="lab"`, queued by `submit_lab`) runs one adapter-lab experiment through the same queue, worker
+and per-user limit. Its record carries the run's fraction done, message, elapsed time and ETA; cancelling stops
+it at its next progress report; its result (`result.json` and the figures' PNGs) goes to `jobs/<id>/result/`.
+A stopped lab job runs again from the start (an experiment takes seconds to minutes and keeps no checkpoints).
 """
 
 from __future__ import annotations
@@ -24,12 +29,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import BlockStudioError
+from pipelines import checks
+from pipelines.errors import BlockStudioError, explain, is_disk_full
 from pipelines.images import load_image
 from pipelines.package import check_token
 from pipelines.storage import atomic_file, home_dir, write_json
-from pipelines.training import CancelToken, TrainingCancelled, TrainingPaused, latest_checkpoint, work_dir_for
-from studio.library import Library, check_package_name
+from pipelines.training import (
+    CancelToken,
+    CorruptCheckpoint,
+    TrainingCancelled,
+    TrainingPaused,
+    latest_checkpoint,
+    verify_checkpoint,
+    work_dir_for,
+)
+from studio.library import CLAIMS, Library
 from studio.methods import METHODS, Method, check_model, method_for
 from studio.workspace import Workspace, WorkspaceError, is_workspace_id, workspaces_root
 
@@ -38,9 +52,11 @@ log = logging.getLogger(__name__)
 ACTIVE = ("queued", "running", "cancelling")
 RESUMABLE = ("cancelled", "failed", "interrupted")
 STATUSES = ACTIVE + RESUMABLE + ("done", "discarded")
-_JOB_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+_JOB_ID_RE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 RECORD_WRITE_INTERVAL_S = 0.5  # a record is rewritten at most this often while training (and at every change of status)
 MAX_STEPS = 20_000
+MAX_QUEUED = 20  # jobs waiting in the whole server's queue; more would wait for hours
+UNSAVED_RETRY_S = 5.0
 
 
 class JobError(BlockStudioError):
@@ -69,6 +85,12 @@ class JobRecord:
     finished: float | None = None
     resumed_from: int | None = None
     runs: int = 0
+    restart: bool = False  # the next run starts over: its checkpoint could not be read back
+    kind: str = "training"  # or "lab": an adapter-lab experiment (method names the lab method)
+    fraction: float = 0.0  # lab jobs: how far the run is, 0..1
+    message: str = ""  # lab jobs: what the run is doing now
+    elapsed_s: float | None = None  # lab jobs: seconds since the run started
+    result: str | None = None  # lab jobs: the result folder under the job's folder, once done
     paused_at: int | None = None  # trained in chunks (ZeroGPU): the step its last chunk stopped at
 
     @property
@@ -81,6 +103,12 @@ class JobRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The record as a page may show it: without the owner, whose workspace id is a secret."""
+        data = self.to_dict()
+        del data["owner"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
@@ -102,13 +130,29 @@ def one_line(exc: BaseException) -> str:
     return text[:300]
 
 
+def failure_message(exc: BaseException, what: str = "training") -> str:
+    """What a failed job's record says: the error's own line for a user's mistake, else what happened and what to do.
+
+    `what` names the work that stopped ("training", "the experiment")."""
+    if isinstance(exc, BlockStudioError):
+        return one_line(exc)
+    if is_disk_full(exc):
+        return (f"the server's disk is full, so {what} stopped; free some space (or ask the admin to), then "
+                "resume: it continues from its last checkpoint")
+    explained = explain(exc)
+    if explained:
+        return explained
+    return f"{what} failed ({type(exc).__name__}: {one_line(exc)}); the details are in the server log"
+
+
 class JobManager:
     """The process-wide training service: a FIFO queue, one worker thread, records on disk."""
 
     def __init__(self, home: Path | None = None, *, runner: Runner = run_training, max_active_per_owner: int = 3,
-                 start: bool = True) -> None:
+                 max_queued: int = MAX_QUEUED, start: bool = True) -> None:
         self.home = Path(home) if home is not None else home_dir()
         self.max_active_per_owner = max_active_per_owner
+        self.max_queued = max_queued
         self._runner = runner
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -118,6 +162,7 @@ class JobManager:
         self._tokens: dict[str, CancelToken] = {}
         self._pipes: dict[str, Any] = {}
         self._last_write: dict[str, float] = {}
+        self._unsaved: set[str] = set()  # records whose last write failed
         self._stopping = False
         self._recover()
         self._thread = threading.Thread(target=self._work, name="blockstudio-training", daemon=True)
@@ -137,6 +182,29 @@ class JobManager:
         write_json(self._job_dir(record) / "job.json", record.to_dict())
         self._last_write[record.id] = time.monotonic()
 
+    def _save_or_log(self, record: JobRecord) -> bool:
+        """A save that a full disk (or any write error) cannot turn into a crash: the record in memory stays
+        right, since the page reads that, and it is written again until it is on disk."""
+        try:
+            self._save(record)
+        except OSError as exc:
+            log.warning("could not write the record of job %s (%s); will try again", record.id, exc)
+            self._unsaved.add(record.id)
+            return False
+        self._unsaved.discard(record.id)
+        return True
+
+    def _save_unsaved(self) -> None:
+        """Write the records whose last save failed (the caller holds the lock)."""
+        for job_id in list(self._unsaved):
+            self._save_or_log(self._records[job_id])
+
+    def _library(self, record: JobRecord) -> Library:
+        return Library(Workspace(record.owner, self.home))
+
+    def _holder(self, record: JobRecord) -> str:
+        return f"job:{record.id}"
+
     def _recover(self) -> None:
         """Load every record; running ones were cut off by a restart, queued ones wait again in order."""
         root = workspaces_root(self.home)
@@ -147,31 +215,56 @@ class JobManager:
             except (ValueError, TypeError):
                 log.warning("skipping unreadable job record %s", path)
                 continue
-            if not is_workspace_id(record.owner) or record.id != path.parent.name:
+            if not is_workspace_id(record.owner, self.home) or record.id != path.parent.name:
                 continue
             found.append(record)
         for record in sorted(found, key=lambda r: r.created):
             self._records[record.id] = record
+            if record.kind != "lab" and record.status in ACTIVE + RESUMABLE:
+                # The job owns its package name until it is done or discarded, as before the restart.
+                if CLAIMS.claim(self._library(record).workspace.packages, [record.name], self._holder(record),
+                                on_disk=False) is None:
+                    log.warning("job %s: its package name %s is claimed twice", record.id, record.name)
             if record.status in ("running", "cancelling"):
                 record.status = "interrupted"
-                record.error = "the server stopped during training"
-                record.checkpoint_step = self._checkpoint_step(record)
+                record.error = "the server stopped during " + ("the run" if record.kind == "lab" else "training")
+                self._note_checkpoint(record)
                 record.it_s = record.eta_s = None
-                self._save(record)
+                self._save_or_log(record)
             elif record.status == "queued":
                 self._queue.append(record.id)
 
-    def _checkpoint_step(self, record: JobRecord) -> int | None:
+    def _note_checkpoint(self, record: JobRecord) -> None:
+        """Record the step a stopped job would resume from; a damaged checkpoint is named and the job starts over."""
+        if record.kind == "lab":  # a lab run starts over: it keeps no checkpoint
+            return
         out = Workspace(record.owner, self.home).packages / record.name
         checkpoint = latest_checkpoint(work_dir_for(out))
-        return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else None
+        record.checkpoint_step, record.restart = None, False
+        if checkpoint is None:
+            return
+        try:
+            verify_checkpoint(checkpoint)
+        except CorruptCheckpoint as exc:
+            self._start_over(record, exc)
+            return
+        record.checkpoint_step = int(checkpoint.name.rsplit("-", 1)[1])
+
+    @staticmethod
+    def _start_over(record: JobRecord, exc: CorruptCheckpoint) -> None:
+        path = exc.path or Path("checkpoint")
+        where = f"{path.parent.name}/{path.name}" if path.parent.name.startswith("checkpoint-") else path.name
+        record.restart = True
+        record.checkpoint_step = None
+        record.error = (f"its checkpoint cannot be read back ({where} is damaged), so it cannot resume; "
+                        "Start again trains from the beginning")
 
     # -- queries -----------------------------------------------------------------------------------------
 
     def _find(self, owner: str, job_id: str) -> JobRecord:
-        if not is_workspace_id(owner):
+        if not is_workspace_id(owner, self.home):
             raise WorkspaceError("this page has no valid workspace; reload the page to get one")
-        record = self._records.get(job_id) if isinstance(job_id, str) and _JOB_ID_RE.match(job_id) else None
+        record = self._records.get(job_id) if isinstance(job_id, str) and _JOB_ID_RE.fullmatch(job_id) else None
         if record is None or record.owner != owner:
             raise JobError("no such training job in your workspace")
         return record
@@ -180,15 +273,17 @@ class JobManager:
         with self._lock:
             return copy.deepcopy(self._find(owner, job_id))
 
-    def jobs(self, owner: str, limit: int = 20) -> list[JobRecord]:
-        """The owner's jobs, newest first."""
+    def jobs(self, owner: str, limit: int = 20, kind: str | None = "training",
+             method: str | None = None) -> list[JobRecord]:
+        """The owner's jobs of `kind` (all kinds with None; of one `method` if given), newest first."""
         with self._lock:
-            mine = [r for r in self._records.values() if r.owner == owner and r.status != "discarded"]
+            mine = [r for r in self._records.values() if r.owner == owner and r.status != "discarded"
+                    and (kind is None or r.kind == kind) and (method is None or r.method == method)]
             return [copy.deepcopy(r) for r in sorted(mine, key=lambda r: r.created, reverse=True)[:limit]]
 
-    def latest(self, owner: str) -> JobRecord | None:
+    def latest(self, owner: str, kind: str = "training", method: str | None = None) -> JobRecord | None:
         """The job a returning user most wants to see: the newest active one, else the newest."""
-        mine = self.jobs(owner)
+        mine = self.jobs(owner, kind=kind, method=method)
         return next((r for r in mine if r.active), mine[0] if mine else None)
 
     def position(self, job_id: str) -> int | None:
@@ -217,19 +312,23 @@ class JobManager:
     def submit(self, owner: str, *, image: str | Path, method: str, model: str, name: str | None = None,
                steps: int, rank: int, learning_rate: float, seed: int = 0, sample_every: int = 0,
                token: str | None = None, sample_steps: int | None = None) -> JobRecord:
-        """Check everything, copy the image into the job, and queue it. Errors name the field to fix."""
+        """Check everything, copy the image into the job, and queue it. Errors name the field to fix.
+
+        The package name is claimed here and stays the job's until it is done or discarded.
+        """
         workspace = Workspace(owner, self.home)
         chosen = method_for(method)
         spec = check_model(model, chosen.arch)
-        steps, rank, seed, sample_every = int(steps), int(rank), int(seed), int(sample_every or 0)
-        if not 1 <= steps <= MAX_STEPS:
-            raise JobError(f"steps must be between 1 and {MAX_STEPS}, not {steps}")
-        if not 1 <= rank <= 256:
-            raise JobError(f"rank must be between 1 and 256, not {rank}")
-        if not 0 < float(learning_rate) < 1:
-            raise JobError(f"learning rate must be between 0 and 1, not {learning_rate}")
-        if sample_every < 0:
-            raise JobError("preview interval must be 0 (off) or a number of steps")
+        for label, value in (("package name", name), ("trigger token", token)):
+            if value is not None and not isinstance(value, str):
+                raise JobError(f"the {label} must be text, not {type(value).__name__}")
+        steps = checks.whole_number(steps, "steps", 1, MAX_STEPS)
+        rank = checks.whole_number(rank, "rank", 1, 256)
+        learning_rate = checks.real_number(learning_rate, "learning rate", 0.0, 1.0, above_low=True)
+        seed = checks.seed(seed)
+        sample_every = checks.whole_number(sample_every or 0, "preview interval", 0, MAX_STEPS)
+        if sample_steps is not None:
+            sample_steps = checks.whole_number(sample_steps, "preview steps", 1, 1000)
         token = check_token(token.strip()) if token and token.strip() else None
         extras = chosen.extra_values(rank)
         # The job trains from its own copy (the upload cache may be emptied before a resume); encoding it
@@ -239,36 +338,77 @@ class JobManager:
         library = Library(workspace)
         with self._lock:
             self._check_room(owner)
-            taken = {r.name for r in self._records.values() if r.owner == owner and r.status != "discarded"}
-            if name and name.strip():
-                name = check_package_name(name.strip())
-                if name in taken or not library.is_free(name):
-                    raise JobError(f"a package or job named {name!r} already exists; choose another name")
-            else:
-                name = library.unique_name(Path(str(image)).stem, taken)
+            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+            holder = f"job:{job_id}"
+            try:
+                name = library.claim(name.strip() if name and name.strip() else None, holder,
+                                     fallback=Path(str(image)).stem)
+            except BlockStudioError as exc:
+                raise JobError(str(exc)) from None
             record = JobRecord(
-                id=f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", owner=owner, method=chosen.key,
-                model=spec.name, name=name, total=steps, created=time.time(),
-                settings={"steps": steps, "rank": rank, "learning_rate": float(learning_rate), "seed": seed,
+                id=job_id, owner=owner, method=chosen.key, model=spec.name, name=name, total=steps,
+                created=time.time(),
+                settings={"steps": steps, "rank": rank, "learning_rate": learning_rate, "seed": seed,
                           "sample_every": sample_every, "token": token, "sample_steps": sample_steps,
                           "extras": extras},
             )
-            with atomic_file(self._job_dir(record) / "source.png") as tmp:
-                tmp.write_bytes(buffer.getvalue())
+            try:
+                with atomic_file(self._job_dir(record) / "source.png") as tmp:
+                    tmp.write_bytes(buffer.getvalue())
+                queued = self._enqueue(record)
+            except BaseException:
+                library.release(name, holder)
+                shutil.rmtree(self._job_dir(record), ignore_errors=True)
+                raise
+            self._records[record.id] = record
+            return queued
+
+    def submit_lab(self, owner: str, method: str, settings: dict[str, Any] | None = None) -> JobRecord:
+        """Queue a run of `method`'s lab experiment. The settings (UI or CLI values) are checked here, so a bad one
+        is refused with one line naming the field before anything is queued."""
+        from pipelines.lab import check_available, experiment_for, make_settings
+
+        Workspace(owner, self.home)  # refuses a malformed workspace id
+        experiment = experiment_for(method)
+        check_available(experiment.method)
+        checked = make_settings(experiment.method, settings)
+        with self._lock:
+            self._check_room(owner)
+            record = JobRecord(
+                id=f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", owner=owner, method=experiment.method,
+                model=checked.model_id or "built-in", name="", settings=checked.to_dict(), created=time.time(),
+                kind="lab", total=1000,
+            )
             self._records[record.id] = record
             return self._enqueue(record)
 
+    def lab_result_folder(self, record: JobRecord) -> Path | None:
+        """The folder holding a finished lab job's result (result.json and PNGs), or None."""
+        if record.kind != "lab" or not record.result:
+            return None
+        return self._job_dir(record) / record.result
+
     def _check_room(self, owner: str) -> None:
-        """One user may not fill the queue: a few active jobs each (the caller holds the lock)."""
+        """No user may fill the queue, nor all users together (the caller holds the lock)."""
         mine = [r for r in self._records.values() if r.owner == owner and r.active]
         if len(mine) >= self.max_active_per_owner:
             raise JobError(f"you already have {len(mine)} jobs queued or running; wait for one or cancel it")
+        if len(self._queue) >= self.max_queued:
+            raise JobError(f"the training queue is full ({len(self._queue)} jobs waiting); try again when it has "
+                           "moved on")
 
-    def _enqueue(self, record: JobRecord) -> JobRecord:
-        """Put a job at the end of the queue and wake the worker (the caller holds the lock)."""
-        record.status = "queued"
+    def _enqueue(self, record: JobRecord, **changes: Any) -> JobRecord:
+        """Queue a job with `changes` to its record, once the record is on disk (the caller holds the lock)."""
+        before = {key: getattr(record, key) for key in ("status", *changes)}
+        for key, value in {"status": "queued", **changes}.items():
+            setattr(record, key, value)
+        try:
+            self._save(record)
+        except BaseException:
+            for key, value in before.items():
+                setattr(record, key, value)
+            raise
         self._queue.append(record.id)
-        self._save(record)
         self._wake.notify_all()
         return copy.deepcopy(record)
 
@@ -280,26 +420,24 @@ class JobManager:
                 self._queue.remove(job_id)
                 record.status = "cancelled"
                 record.finished = time.time()
-                self._save(record)
+                self._save_or_log(record)
             elif record.status == "running":
                 record.status = "cancelling"
                 self._tokens[job_id].cancel()
-                self._save(record)
+                self._save_or_log(record)
             elif record.status != "cancelling":
                 raise JobError(f"this job is {record.status}; only queued or running jobs can be cancelled")
             return copy.deepcopy(record)
 
     def resume(self, owner: str, job_id: str) -> JobRecord:
-        """Queue a cancelled, failed or interrupted job again; it continues from its last checkpoint."""
+        """Queue a cancelled, failed or interrupted job again; it continues from its last checkpoint (or starts
+        over when that checkpoint is damaged)."""
         with self._lock:
             record = self._find(owner, job_id)
             if not record.resumable:
                 raise JobError(f"this job is {record.status}; only cancelled, failed or interrupted jobs resume")
             self._check_room(owner)
-            record.error = None
-            record.finished = None
-            record.paused_at = None
-            return self._enqueue(record)
+            return self._enqueue(record, error=None, finished=None, paused_at=None)
 
     def discard(self, owner: str, job_id: str) -> None:
         """Forget a stopped job and delete its checkpoints (its name becomes free again)."""
@@ -308,9 +446,19 @@ class JobManager:
             if not record.resumable:
                 raise JobError(f"this job is {record.status}; only stopped jobs can be discarded")
             record.status = "discarded"
-            out = Workspace(owner, self.home).packages / record.name
-            shutil.rmtree(work_dir_for(out), ignore_errors=True)
-            self._save(record)
+            if record.kind != "lab":
+                out = Workspace(owner, self.home).packages / record.name
+                shutil.rmtree(work_dir_for(out), ignore_errors=True)
+                self._library(record).release(record.name, self._holder(record))
+            self._save_or_log(record)
+
+    def package_renamed(self, owner: str, old: str, new: str) -> None:
+        """A finished job's record follows its package to its new name (the job list, its samples)."""
+        with self._lock:
+            for record in self._records.values():
+                if record.owner == owner and record.status == "done" and record.name == old:
+                    record.name = new
+                    self._save(record)
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop the worker; a running job is checkpointed and left `interrupted`, to resume after a restart."""
@@ -325,10 +473,12 @@ class JobManager:
     # -- the worker --------------------------------------------------------------------------------------
 
     def _work(self) -> None:
+        """Run queued jobs one by one. Nothing a job does (a bug, a full disk, a failed save) ends this loop."""
         while True:
             with self._wake:
                 while not self._queue and not self._stopping:
-                    self._wake.wait()
+                    self._wake.wait(timeout=UNSAVED_RETRY_S if self._unsaved else None)
+                    self._save_unsaved()
                 if self._stopping:
                     return
                 job_id = self._queue.popleft()
@@ -340,32 +490,53 @@ class JobManager:
                 record.started = time.time()
                 record.runs += 1
                 record.it_s = record.eta_s = None
-                self._save(record)
-            try:
-                self._run(record, token)
-                outcome, error = "done", None
-            except TrainingPaused as exc:
-                # A chunk of a job trained in chunks: back of the queue, so other jobs run before its next chunk.
-                outcome, error = ("interrupted" if self._stopping else "queued"), None
-                record.paused_at = exc.step
-            except TrainingCancelled:
-                outcome, error = ("interrupted" if self._stopping else "cancelled"), None
-            except BlockStudioError as exc:
-                outcome, error = "failed", one_line(exc)
-            except Exception as exc:  # a bug or a resource problem: the page gets one line, the log the trace
-                log.exception("training job %s failed", job_id)
-                outcome, error = "failed", f"{type(exc).__name__}: {one_line(exc)}"
+                self._save_or_log(record)
+            outcome, error, damaged = self._attempt(record, token)
             with self._lock:
-                record.status = outcome
-                record.error = Workspace(record.owner, self.home).scrub(error) if error else None
-                record.finished = None if outcome == "queued" else time.time()
-                record.eta_s = 0.0 if outcome == "done" else None
-                record.checkpoint_step = None if outcome == "done" else self._checkpoint_step(record)
-                self._tokens.pop(job_id, None)
-                self._running = None
-                if outcome == "queued":
-                    self._queue.append(job_id)
-                self._save(record)
+                try:
+                    self._finish(record, outcome, error, damaged)
+                except Exception:
+                    log.exception("could not record the end of training job %s", job_id)
+                finally:
+                    self._tokens.pop(job_id, None)
+                    self._running = None
+
+    def _attempt(self, record: JobRecord, token: CancelToken) -> tuple[str, str | None, CorruptCheckpoint | None]:
+        """Run one job; return its outcome, the line its record shows when it failed, and a damaged checkpoint."""
+        try:
+            (self._run_lab if record.kind == "lab" else self._run)(record, token)
+            return "done", None, None
+        except TrainingPaused as exc:
+            # One chunk of a job trained in chunks: it goes to the back of the queue (`_finish`).
+            record.paused_at = exc.step
+            return ("interrupted" if self._stopping else "queued"), None, None
+        except TrainingCancelled:
+            return ("interrupted" if self._stopping else "cancelled"), None, None
+        except CorruptCheckpoint as exc:
+            return "failed", None, exc
+        except Exception as exc:  # the page gets one line; the log gets the traceback of anything unexpected
+            if not isinstance(exc, BlockStudioError) and explain(exc) is None:
+                log.exception("%s job %s failed", record.kind, record.id)
+            return "failed", failure_message(exc, "the experiment" if record.kind == "lab" else "training"), None
+
+    def _finish(self, record: JobRecord, outcome: str, error: str | None, damaged: CorruptCheckpoint | None) -> None:
+        """Write a job's end into its record (the caller holds the lock)."""
+        record.status = outcome
+        record.error = Workspace(record.owner, self.home).scrub(error) if error else None
+        record.finished = None if outcome == "queued" else time.time()
+        record.eta_s = 0.0 if outcome == "done" else None
+        if outcome == "done":
+            record.checkpoint_step, record.restart = None, False
+            if record.kind != "lab":
+                self._library(record).release(record.name, self._holder(record))  # the package holds it now
+        elif damaged is not None:
+            self._start_over(record, damaged)
+        else:
+            self._note_checkpoint(record)
+        if outcome == "queued":  # a paused chunk: other jobs run before its next one
+            self._queue.append(record.id)
+        if self._save_or_log(record):
+            self._save_unsaved()
 
     def _pipeline(self, model: str):
         # One warm training pipeline: loading SDXL or Flux again for every job would cost far more than a step.
@@ -387,7 +558,8 @@ class JobManager:
             rank=settings["rank"], learning_rate=settings["learning_rate"], seed=settings["seed"],
             token=settings.get("token"), sample_every=settings.get("sample_every") or 0,
             sample_steps=settings.get("sample_steps"), checkpoint_every=max(1, min(250, steps // 10)),
-            samples=True, resume=record.runs > 1, **settings.get("extras", {}),
+            samples=True, resume=record.runs > 1 and not record.restart, restart=record.restart,
+            **settings.get("extras", {}),
         )
         first_event = [True]
 
@@ -406,7 +578,7 @@ class JobManager:
                 record.eta_s = round(event.eta_s, 1) if event.eta_s == event.eta_s and event.eta_s != float("inf") else None
                 due = time.monotonic() - self._last_write.get(record.id, 0.0) >= RECORD_WRITE_INTERVAL_S
                 if due or event.step == event.total_steps:
-                    self._save(record)
+                    self._save_or_log(record)
 
         def on_sample(step: int, image) -> None:
             name = f"step-{step:06d}.png"
@@ -415,7 +587,7 @@ class JobManager:
             with self._lock:
                 if name not in record.samples:
                     record.samples.append(name)
-                self._save(record)
+                self._save_or_log(record)
 
         pipe = self._pipeline(record.model)
         try:
@@ -427,3 +599,31 @@ class JobManager:
                 pipe.unload_lora_weights()
             except Exception:
                 self._pipes.clear()
+
+    def _run_lab(self, record: JobRecord, token: CancelToken) -> None:
+        """Run a lab experiment; its progress goes into the record, its result into jobs/<id>/result/."""
+        from pipelines.lab import Progress, run_experiment
+
+        started = time.monotonic()
+        with self._lock:
+            record.fraction, record.message, record.elapsed_s, record.result = 0.0, "starting", 0.0, None
+            record.step = 0
+
+        def on_progress(fraction: float, message: str) -> None:
+            with self._lock:
+                elapsed = time.monotonic() - started
+                record.fraction = round(fraction, 4)
+                record.step = int(fraction * record.total)
+                record.message = message[:200]
+                record.elapsed_s = round(elapsed, 1)
+                # The ETA from the pace so far; none in the first moments, when loading dominates.
+                record.eta_s = round(elapsed * (1 - fraction) / fraction, 1) if fraction >= 0.02 else None
+                if time.monotonic() - self._last_write.get(record.id, 0.0) >= RECORD_WRITE_INTERVAL_S:
+                    self._save_or_log(record)
+
+        result = run_experiment(record.method, record.settings, Progress(on_progress, token))
+        result.save(self._job_dir(record) / "result")
+        with self._lock:
+            record.result = "result"
+            record.fraction, record.step, record.message = 1.0, record.total, "done"
+            record.elapsed_s = round(time.monotonic() - started, 1)

@@ -2,23 +2,31 @@
 
 Listing, renaming, deleting, importing (a zipped package or a LoRA `.safetensors`), inspecting and zipping for
 download. Every write goes through a staging folder that is renamed into place, so a crash leaves the old
-package or the new one, never half of one.
+package or the new one, never half of one, and never replaces a package that is there: a name is claimed
+(`NameClaims`) from the moment a training job or an import takes it until its package exists. Links inside a
+package are never followed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipelines import formats
+from pipelines.checks import check_weights
 from pipelines.errors import BlockStudioError, InvalidAdapter
-from pipelines.package import AdapterPackage, check_name
+from pipelines.package import AdapterPackage, check_name, package_files
 from pipelines.storage import atomic_dir, atomic_file, home_dir, write_json
 from studio.workspace import Workspace, inside
 
@@ -27,12 +35,64 @@ PARTIAL_SUFFIX = ".partial"
 # What a package folder may hold; anything else in an uploaded zip is refused.
 PACKAGE_SUFFIXES = {".safetensors", ".json", ".md", ".png", ".jpg", ".jpeg", ".webp", ".txt"}
 MAX_ZIP_ENTRIES = 200
-MAX_ZIP_BYTES = 4 * 1024**3
+# What a package zip may expand to. A rank-64 SDXL B-LoRA package is about 0.46 GB (diffusers and kohya files,
+# full and per part, fp32) and a rank-128 one, the largest the Train form offers, about 0.9 GB; its weights
+# are stored in the zip uncompressed, so with the default 1 GB upload limit no real package expands past 2 GiB.
+MAX_PACKAGE_BYTES = 2 * 1024**3
+# How much a zip member may expand. Weights and images hardly compress (a ratio near 1; a kohya Flux file's
+# zero blocks a few times), text a few times; deflate bombs reach about 1000.
+MAX_COMPRESSION_RATIO = 50
+RATIO_FREE_BYTES = 1024**2  # smaller members may compress as well as they like (they cannot add up to much)
 STORED_SUFFIXES = {".safetensors", ".png", ".jpg", ".jpeg", ".webp"}  # already dense: not worth deflating
 
 
 class LibraryError(BlockStudioError):
     """A library operation the user asked for cannot be done; the message says why."""
+
+
+class NameClaims:
+    """Package names taken before their package exists: by a training job (queued, running or stopped) or an
+    import or a rename in progress. Process-wide, one table per packages folder, under one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, dict[str, str]] = {}
+
+    def _table(self, folder: Path) -> dict[str, str]:
+        return self._held.setdefault(str(folder.resolve()), {})
+
+    def holder(self, folder: Path, name: str) -> str | None:
+        with self._lock:
+            return self._table(folder).get(name)
+
+    def claim(self, folder: Path, names: Iterable[str], holder: str, *, on_disk: bool = True) -> str | None:
+        """Claim the first of `names` that is free (on disk too, unless `on_disk` is False); None if none is."""
+        with self._lock:
+            table = self._table(folder)
+            for name in names:
+                if table.get(name, holder) != holder:
+                    continue
+                if on_disk and not _free_on_disk(folder, name) and table.get(name) != holder:
+                    continue
+                table[name] = holder
+                return name
+        return None
+
+    def release(self, folder: Path, name: str, holder: str) -> None:
+        with self._lock:
+            key = str(folder.resolve())
+            table = self._held.get(key, {})
+            if table.get(name) == holder:
+                del table[name]
+            if not table:
+                self._held.pop(key, None)
+
+
+CLAIMS = NameClaims()
+
+
+def _free_on_disk(folder: Path, name: str) -> bool:
+    return not any(os.path.lexists(folder / n) for n in (name, name + PARTIAL_SUFFIX))
 
 
 @dataclass
@@ -136,29 +196,58 @@ class Library:
         return {s.name for s in self.list()}
 
     def inspect(self, name: str) -> dict:
-        """adapter.json plus the files of the package with their sizes."""
+        """adapter.json plus the files of the package with their sizes (links are not listed)."""
         folder = self.path(name)
         info = AdapterPackage.open(folder).info
-        files = {
-            str(p.relative_to(folder)): p.stat().st_size
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")
-        }
+        files = {path.relative_to(folder).as_posix(): path.lstat().st_size for path in package_files(folder)}
         return {"name": name, "adapter": info, "files": files}
 
     # -- naming -------------------------------------------------------------------------------------------
 
     def is_free(self, name: str) -> bool:
+        """No package, unfinished run or claim has this name."""
         folder = self.workspace.packages
-        return not (folder / name).exists() and not (folder / (name + PARTIAL_SUFFIX)).exists()
+        return _free_on_disk(folder, name) and CLAIMS.holder(folder, name) is None
 
     def unique_name(self, wanted: str, taken: set[str] = frozenset()) -> str:
         """`wanted`, or `wanted-2`, `wanted-3`, ... whichever is free (also of unfinished runs and `taken`)."""
-        base = slug(wanted)
-        candidate, n = base, 1
-        while not self.is_free(candidate) or candidate in taken:
-            n += 1
-            candidate = f"{base}-{n}"
-        return check_package_name(candidate)
+        for candidate in _candidates(wanted):
+            if self.is_free(candidate) and candidate not in taken:
+                return check_package_name(candidate)
+        raise LibraryError(f"no free name like {wanted!r}; give the package a name")
+
+    def claim(self, name: str | None, holder: str, *, fallback: str = "adapter") -> str:
+        """Take `name` (refused when it is taken), or with no name the first free one made from `fallback`.
+
+        The name stays reserved for `holder` until `release`: nothing else can import, rename or train into it.
+        """
+        folder = self.workspace.packages
+        if name:
+            check_package_name(name)
+            if CLAIMS.claim(folder, [name], holder) is None:
+                raise LibraryError(f"a package or job named {name!r} already exists; choose another name")
+            return name
+        claimed = CLAIMS.claim(folder, (check_package_name(c) for c in _candidates(fallback)), holder)
+        if claimed is None:
+            raise LibraryError(f"no free name like {fallback!r}; give the package a name")
+        return claimed
+
+    def release(self, name: str, holder: str) -> None:
+        CLAIMS.release(self.workspace.packages, name, holder)
+
+    @contextlib.contextmanager
+    def claimed(self, name: str | None, *, fallback: str = "adapter") -> Iterator[str]:
+        """A name held while a package is written under it, released afterwards (the folder then holds it)."""
+        holder = f"write:{secrets.token_hex(8)}"
+        taken = self.claim(name, holder, fallback=fallback)
+        try:
+            yield taken
+        finally:
+            self.release(taken, holder)
+
+    def target(self, name: str) -> Path:
+        """The folder a package called `name` is written to: always one level inside the packages folder."""
+        return inside(self.workspace.packages, check_package_name(name))
 
     # -- writing ------------------------------------------------------------------------------------------
 
@@ -180,11 +269,14 @@ class Library:
         new_name = check_package_name((new_name or "").strip())
         if new_name == folder.name:
             return new_name
-        if not self.is_free(new_name):
-            raise LibraryError(f"a package named {new_name!r} already exists")
-        target = self.workspace.packages / new_name
+        with self.claimed(new_name) as new_name:
+            self._rename_into(folder, new_name)
+        return new_name
+
+    def _rename_into(self, folder: Path, new_name: str) -> None:
+        target = self.target(new_name)
         info = json.loads((folder / "adapter.json").read_text())
-        with atomic_dir(target) as staging:
+        with atomic_dir(target, replace=False) as staging:
             _link_tree(folder, staging)
             files = dict(info.get("files", {}))
             for key, rel in list(files.items()):
@@ -199,48 +291,46 @@ class Library:
             card = render_model_card(info)
             _rewrite(staging / "README.md", lambda tmp: tmp.write_text(card))
         shutil.rmtree(folder, ignore_errors=True)
-        return new_name
 
     def import_file(self, upload: str | os.PathLike, *, name: str | None = None, model: str = "sdxl",
                     token: str | None = None) -> str:
         """Import a zipped package or a LoRA `.safetensors` file; return the new package's name."""
         upload = Path(upload)
         suffix = upload.suffix.lower()
-        wanted = name.strip() if name and name.strip() else upload.stem
-        if name and name.strip():
-            check_package_name(wanted)
-            if not self.is_free(wanted):
-                raise LibraryError(f"a package named {wanted!r} already exists")
-        else:
-            wanted = self.unique_name(wanted)
-        if suffix == ".zip":
-            return self._import_zip(upload, wanted)
-        if suffix == ".safetensors":
-            from pipelines.importer import import_lora
-
-            import_lora(upload, self.workspace.packages / wanted, model=model, token=token or None)
-            return wanted
         if suffix in formats.PICKLE_SUFFIXES:
             raise InvalidAdapter(f"{upload.name}: pickled checkpoints are not loaded for safety; use .safetensors")
-        raise LibraryError(f"{upload.name}: import a package .zip or a LoRA .safetensors file")
+        if suffix not in (".zip", ".safetensors"):
+            raise LibraryError(f"{upload.name}: import a package .zip or a LoRA .safetensors file")
+        wanted = name.strip() if name and name.strip() else None
+        with self.claimed(wanted, fallback=slug(upload.stem)) as wanted:
+            if suffix == ".zip":
+                return self._import_zip(upload, wanted)
+            from pipelines.importer import import_lora
+
+            import_lora(upload, self.target(wanted), model=model, token=token or None)
+            return wanted
 
     def _import_zip(self, upload: Path, name: str) -> str:
         try:
             archive = zipfile.ZipFile(upload)
         except (zipfile.BadZipFile, OSError):
             raise LibraryError(f"{upload.name}: not a zip file") from None
-        with archive, atomic_dir(self.workspace.packages / name) as staging:
-            members = _safe_members(archive, upload.name)
-            for member, relative in members:
-                target = inside(staging, relative)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _extract_bounded(archive, member, target)
-            _check_package_folder(staging, upload.name)
-            info_path = staging / "adapter.json"
-            info = json.loads(info_path.read_text())
-            info["name"] = name
-            write_json(info_path, info)
+        with archive:
+            members = _safe_members(archive, upload.name, upload.stat().st_size)
+            with atomic_dir(self.target(name), replace=False) as staging:
+                for member, relative in members:
+                    target = inside(staging, relative)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _extract_bounded(archive, member, target, upload.name)
+                self._finish_zip_import(staging, upload.name, name)
         return name
+
+    def _finish_zip_import(self, staging: Path, label: str, name: str) -> None:
+        _check_package_folder(staging, label)
+        info_path = staging / "adapter.json"
+        info = json.loads(info_path.read_text())
+        info["name"] = name
+        write_json(info_path, info)
 
     def export_zip(self, name: str) -> Path:
         """The whole package as `<name>.zip` (one top folder), written atomically into the workspace."""
@@ -249,9 +339,7 @@ class Library:
         target = self.workspace.exports / f"{bare}.zip"
         with atomic_file(target) as tmp:
             with zipfile.ZipFile(tmp, "w") as archive:
-                for path in sorted(folder.rglob("*")):
-                    if not path.is_file() or any(p.startswith(".") for p in path.relative_to(folder).parts):
-                        continue
+                for path in package_files(folder):
                     method = zipfile.ZIP_STORED if path.suffix.lower() in STORED_SUFFIXES else zipfile.ZIP_DEFLATED
                     archive.write(path, f"{bare}/{path.relative_to(folder).as_posix()}", compress_type=method)
         return target
@@ -260,18 +348,24 @@ class Library:
 # -- helpers --------------------------------------------------------------------------------------------
 
 
+def _candidates(wanted: str) -> Iterator[str]:
+    """`wanted` as a name, then `wanted-2`, `wanted-3`, ..."""
+    base = slug(wanted)
+    yield base
+    for n in range(2, 10_000):
+        yield f"{base}-{n}"
+
+
 def _link_tree(source: Path, target: Path) -> None:
-    """Hard-link every file of `source` under `target` (copy where links are not possible)."""
-    for path in source.rglob("*"):
+    """Hard-link every regular file of `source` under `target` (copy where links are not possible); symbolic
+    links are left out, never followed."""
+    for path in package_files(source, hidden=True):
         dest = target / path.relative_to(source)
-        if path.is_dir():
-            dest.mkdir(parents=True, exist_ok=True)
-            continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(path, dest)
+            os.link(path, dest, follow_symlinks=False)
         except OSError:
-            shutil.copy2(path, dest)
+            shutil.copy2(path, dest, follow_symlinks=False)
 
 
 def _rewrite(path: Path, write) -> None:
@@ -280,15 +374,28 @@ def _rewrite(path: Path, write) -> None:
         write(tmp)
 
 
-def _safe_members(archive: zipfile.ZipFile, label: str) -> list[tuple[zipfile.ZipInfo, str]]:
-    """The zip's files with their paths inside the package, refusing anything that could escape or explode."""
+def _safe_members(archive: zipfile.ZipFile, label: str, zip_bytes: int) -> list[tuple[zipfile.ZipInfo, str]]:
+    """The zip's files with their paths inside the package, refusing anything that could escape or explode.
+
+    Sizes are checked from the zip's directory before a byte is extracted; `_extract_bounded` then holds each
+    member to the size it declared.
+    """
     infos = [i for i in archive.infolist() if not i.is_dir()]
     if not infos:
         raise LibraryError(f"{label}: the zip is empty")
     if len(infos) > MAX_ZIP_ENTRIES:
         raise LibraryError(f"{label}: {len(infos)} files is too many for an adapter package")
-    if sum(i.file_size for i in infos) > MAX_ZIP_BYTES:
-        raise LibraryError(f"{label}: the zip unpacks to more than {MAX_ZIP_BYTES // 1024**3} GB")
+    expanded = sum(i.file_size for i in infos)
+    if expanded > MAX_PACKAGE_BYTES:
+        raise LibraryError(f"{label}: the zip unpacks to {expanded / 1e9:.1f} GB, more than an adapter package "
+                           f"needs (at most {MAX_PACKAGE_BYTES / 1e9:.1f} GB)")
+    for info in infos:
+        if info.file_size > RATIO_FREE_BYTES and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+            raise LibraryError(f"{label}: {info.filename} would expand {info.file_size / max(info.compress_size, 1):.0f} "
+                               "times; that is a zip bomb, not an adapter package")
+    if expanded > MAX_COMPRESSION_RATIO * zip_bytes + RATIO_FREE_BYTES:
+        raise LibraryError(f"{label}: the zip would expand {expanded / max(zip_bytes, 1):.0f} times; that is a zip "
+                           "bomb, not an adapter package")
     paths = []
     for info in infos:
         mode = info.external_attr >> 16
@@ -312,16 +419,19 @@ def _safe_members(archive: zipfile.ZipFile, label: str) -> list[tuple[zipfile.Zi
     return members
 
 
-def _extract_bounded(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path) -> None:
+def _extract_bounded(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, label: str) -> None:
     """Copy one member, trusting the actual bytes rather than the size the zip header declares."""
     limit = member.file_size
     written = 0
-    with archive.open(member) as src, open(target, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            written += len(chunk)
-            if written > limit:
-                raise LibraryError(f"{member.filename}: larger than the zip declares")
-            dst.write(chunk)
+    try:
+        with archive.open(member) as src, open(target, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > limit:
+                    raise LibraryError(f"{label}: {member.filename} is larger than the zip declares")
+                dst.write(chunk)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise LibraryError(f"{label}: {member.filename} is damaged in the zip ({exc}); make the zip again") from None
 
 
 def _check_package_folder(folder: Path, label: str) -> None:
@@ -339,4 +449,5 @@ def _check_package_folder(folder: Path, label: str) -> None:
             if not path.is_file():
                 raise LibraryError(f"{label}: {item} is listed in adapter.json but missing")
             if path.suffix == ".safetensors":
-                formats.read_safetensors(path)
+                tensors, _ = formats.read_safetensors(path)
+                check_weights(tensors, f"{label}: {item}")

@@ -27,6 +27,8 @@ class Method:
     blurb: str
     # Request values the studio does not ask for but derives from the rank (rank, recipe defaults) -> values.
     extras: Callable[[int, dict], dict] | None = None
+    # What the Train form's token box shows while empty: the tokens this method makes by itself.
+    token_hint: str = "automatic"
 
     @property
     def available(self) -> bool:
@@ -71,17 +73,18 @@ METHODS: dict[str, Method] = {
     m.key: m
     for m in (
         Method("b-lora", "B-LoRA · SDXL", "sdxl", "pipelines.blora", "TrainRequest", "train_blora",
-               "Content and style LoRA on two attention blocks of SDXL's first up-block (Frenkel et al., 2024)."),
+               "Content and style LoRA on two attention blocks of SDXL's first up-block (Frenkel et al., 2024).",
+               token_hint="automatic, e.g. [v42]"),
         Method("splitflux", "SplitFlux · Flux", "flux", "pipelines.splitflux", "SplitFluxRequest",
                "train_splitflux",
                "Content and style from Flux's single-stream blocks, with a re-embedding content part.",
-               extras=_splitflux_extras),
+               extras=_splitflux_extras, token_hint="content token, automatic, e.g. [c42] (style token [s42])"),
     )
 }
 
 
 def method_for(key: str) -> Method:
-    if key not in METHODS:
+    if not isinstance(key, str) or key not in METHODS:
         raise ValueError(f"unknown method {key!r}; choose one of {', '.join(METHODS)}")
     method = METHODS[key]
     if not method.available:
@@ -96,7 +99,7 @@ def models_for(arch: str) -> list[ModelSpec]:
 
 def check_model(name: str, arch: str) -> ModelSpec:
     """Only registry models from the web: a path or arbitrary Hub id would let a visitor load anything."""
-    if name not in REGISTRY or REGISTRY[name].random_weights:
+    if not isinstance(name, str) or name not in REGISTRY or REGISTRY[name].random_weights:
         raise ValueError(f"unknown base model {name!r}; choose one of the list")
     spec = resolve_model(name)
     if spec.arch != arch:

@@ -13,13 +13,13 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from pipelines.errors import BlockStudioError
-from pipelines.generation import AdapterChoice, StudioPipeline, expand_prompt
+from pipelines.generation import AdapterChoice, StudioPipeline, check_sampling, expand_prompt
 from pipelines.models import REGISTRY, ModelSpec
 from pipelines.package import AdapterPackage
 from studio.workspace import Workspace
@@ -56,25 +56,17 @@ class GenerationSettings:
     width: int | None = None
     height: int | None = None
     negative_prompt: str | None = None
+    fast: bool = False  # with steps None: the model's fast steps (SDXL 30 instead of 50)
 
     def checked(self) -> GenerationSettings:
-        seed = int(self.seed)
-        if not 0 <= seed < 2**32:
-            raise GenerationError("seed must be between 0 and 4294967295")
-        steps = int(self.steps) if self.steps else None
-        if steps is not None and not 1 <= steps <= 150:
-            raise GenerationError("steps must be between 1 and 150")
-        guidance = float(self.guidance) if self.guidance is not None else None
-        if guidance is not None and not 0 <= guidance <= 30:
-            raise GenerationError("guidance must be between 0 and 30")
-        sizes = []
-        for label, value in (("width", self.width), ("height", self.height)):
-            value = int(value) if value else None
-            if value is not None and (value % 8 or not 64 <= value <= 2048):
-                raise GenerationError(f"{label} must be a multiple of 8 between 64 and 2048")
-            sizes.append(value)
+        """The settings as plain numbers; 0 or blank steps, width and height mean the model's default."""
+        values = check_sampling(seed=self.seed, steps=self.steps or None, guidance=self.guidance,
+                                width=self.width or None, height=self.height or None)
         negative = (self.negative_prompt or "").strip()[:500] or None
-        return GenerationSettings(seed, steps, guidance, sizes[0], sizes[1], negative)
+        if not isinstance(self.fast, bool):
+            raise GenerationError("fast must be true or false")
+        return GenerationSettings(values["seed"], values["steps"], values["guidance"], values["width"],
+                                  values["height"], negative, self.fast)
 
 
 def parse_scales(text: str, label: str) -> list[float]:
@@ -150,7 +142,7 @@ class GenerationService:
             image = studio.generate(
                 text, content=content, style=style, seed=settings.seed, steps=settings.steps,
                 guidance=settings.guidance, width=settings.width, height=settings.height,
-                negative_prompt=settings.negative_prompt,
+                negative_prompt=settings.negative_prompt, fast=settings.fast,
             )[0]
         return image, text
 
@@ -158,7 +150,7 @@ class GenerationService:
                 settings: GenerationSettings) -> tuple[Image.Image, Image.Image, str]:
         """(before, after, prompt): the base model and the adapters, same prompt and seed."""
         after, text = self.generate(prompt, content=content, style=style, settings=settings)
-        off = [AdapterChoice(c.package, c.part, 0.0) if c else None for c in (content, style)]
+        off = [replace(c, scale=0.0) if c else None for c in (content, style)]
         before, _ = self.generate(prompt, content=off[0], style=off[1], settings=settings)
         return before, after, text
 
@@ -170,10 +162,8 @@ class GenerationService:
         total = len(content_scales) * len(style_scales)
         for row, cs in enumerate(content_scales):
             for col, ss in enumerate(style_scales):
-                image, _ = self.generate(
-                    prompt, content=AdapterChoice(content.package, content.part, cs),
-                    style=AdapterChoice(style.package, style.part, ss), settings=settings,
-                )
+                image, _ = self.generate(prompt, content=replace(content, scale=cs), style=replace(style, scale=ss),
+                                         settings=settings)
                 cells.append((image, f"content {cs:g} · style {ss:g}"))
                 if on_image is not None:
                     on_image(row * len(style_scales) + col + 1, total)
@@ -207,7 +197,11 @@ def compose_grid(images: list[Image.Image], row_scales: list[float], col_scales:
 
 def save_output(workspace: Workspace, image: Image.Image, parameters: dict) -> Path:
     """Write a result with its settings in the PNG (so a saved image says how it was made)."""
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.png"
+    # Names sort by time (the gallery shows the newest first), to the microsecond: results of one second
+    # would otherwise be ordered by their random part.
+    micros = time.time_ns() // 1000
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(micros // 10**6))
+    name = f"{stamp}-{micros % 10**6:06d}-{secrets.token_hex(3)}.png"
     path = workspace.outputs / name
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))
@@ -234,8 +228,8 @@ def parameters(prompt: str, content: AdapterChoice | None, style: AdapterChoice 
                settings: GenerationSettings, **extra) -> dict:
     return {
         "prompt": prompt,
-        "content": f"{content.package.path.name}:{content.part}@{content.scale:g}" if content else None,
-        "style": f"{style.package.path.name}:{style.part}@{style.scale:g}" if style else None,
+        "content": content.label() if content else None,
+        "style": style.label() if style else None,
         **asdict(settings),
         **extra,
     }

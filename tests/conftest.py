@@ -33,6 +33,8 @@ def blockstudio_home(tmp_path_factory) -> Path:
     cache = os.environ.get("BLOCKSTUDIO_TEST_MODEL_CACHE")
     if cache and Path(cache, "models").is_dir():
         shutil.copytree(Path(cache, "models"), home / "models")
+    if cache and Path(cache, "lab", "models").is_dir():  # the adapter lab's pre-trained tiny backbones
+        shutil.copytree(Path(cache, "lab", "models"), home / "lab" / "models")
     os.environ["BLOCKSTUDIO_HOME"] = str(home)
     from diffusers.utils import logging as dlog
 

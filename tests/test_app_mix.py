@@ -75,13 +75,28 @@ def test_mixing_adapters_of_different_base_models_is_refused(trained, studio_ser
         info_path.write_text(json.dumps(original))
 
 
-def test_splitflux_packages_train_mix_and_reembed_with_their_own_parts(studio_server):
+@pytest.fixture(scope="module")
+def flux_session(studio_server):
+    """A workspace of its own with one SplitFlux package, `cat-flux`, trained through the app."""
     from tests.conftest import EXAMPLES, train_through_app
 
     client, workspace = studio_server.session()
     record = train_through_app(client, workspace, EXAMPLES / "cat.jpg", name="cat-flux", steps=2, sample_every=0,
                                method="splitflux", model="tiny-flux")
     assert record["status"] == "done", record["error"]
+    return client, workspace
+
+
+def _newest_parameters(studio_server, workspace) -> dict:
+    import json
+
+    newest = max(studio_server.studio.workspace_of(workspace).outputs.glob("*.png"))
+    with Image.open(newest) as image:
+        return json.loads(image.text["parameters"])
+
+
+def test_splitflux_packages_train_mix_and_reembed_with_their_own_parts(flux_session, studio_server):
+    client, workspace = flux_session
     details = client.predict(workspace, "cat-flux", api_name="/inspect")[1]
     assert details["adapter"]["method"] == "splitflux" and "content_reembed.safetensors" in details["files"]
     _, used, _, _ = client.predict(workspace, "cat-flux", 1.0, "cat-flux", 1.0, "A [c] object in [s] style",
@@ -94,3 +109,31 @@ def test_splitflux_packages_train_mix_and_reembed_with_their_own_parts(studio_se
     newest = max(studio_server.studio.workspace_of(workspace).outputs.glob("*.png"))
     with Image.open(newest) as image:
         assert '"content": "cat-flux:content_reembed@1"' in image.text["parameters"]
+
+
+def test_mix_uses_the_papers_content_part_and_other_parts_on_request(flux_session, studio_server):
+    client, workspace = flux_session
+    facts = client.predict(workspace, "cat-flux", api_name="/inspect")[0]
+    assert "Composition: paper composition: mix loads content_reembed" in facts and "boundary off" in facts
+    client.predict(workspace, "cat-flux", 1.0, "cat-flux", 1.0, "A [c] object in [s] style", False, *SETTINGS,
+                   api_name="/mix")
+    assert _newest_parameters(studio_server, workspace)["content"] == "cat-flux:content_reembed@1"
+    client.predict(workspace, "cat-flux", 0.5, "cat-flux", 1.0, "A [c] object in [s] style", False, *SETTINGS,
+                   False, "content", True, api_name="/mix")
+    assert _newest_parameters(studio_server, workspace)["content"] == "cat-flux:content+boundary@0.5"
+
+
+def test_package_in_the_old_layout_mixes_in_the_app_and_the_library_says_how_it_was_made(flux_session, studio_server):
+    from tests.legacy_packages import old_splitflux_layout
+
+    client, workspace = flux_session
+    packages = studio_server.studio.workspace_of(workspace).packages
+    old_splitflux_layout(packages / "cat-flux", packages / "cat-flux-old")
+    facts = client.predict(workspace, "cat-flux-old", api_name="/inspect")[0]
+    assert "Composition: older package" in facts and "plus the boundary blocks" in facts
+    client.predict(workspace, "cat-flux-old", 1.0, "cat-flux", 1.0, "A [c] object in [s] style", False, *SETTINGS,
+                   api_name="/mix")
+    assert _newest_parameters(studio_server, workspace)["content"] == "cat-flux-old:content@1"
+    with pytest.raises(AppError, match="no 'boundary' part"):
+        client.predict(workspace, "cat-flux-old", 1.0, "cat-flux", 1.0, "A [c] object in [s] style", False,
+                       *SETTINGS, False, "default", True, api_name="/mix")

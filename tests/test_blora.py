@@ -118,7 +118,8 @@ def test_package_metadata_and_adapter_json(cat_package):
 def test_model_card_has_hub_front_matter_and_sample_widgets(cat_package):
     card = (cat_package / "README.md").read_text()
     front = card.split("---")[1]
-    assert 'base_model: "stabilityai/stable-diffusion-xl-base-1.0"' in front
+    # tiny-sdxl is not SDXL: the card names no Hub base model, and says how to load the tiny one.
+    assert "base_model:" not in front and 'from_pretrained(model_path("tiny-sdxl"))' in card
     assert "b-lora" in front and "widget:" in front and "samples/full.png" in front
     assert "tiny random-weight model" in card
     for sample in ("input", "full", "content", "style"):
@@ -142,3 +143,29 @@ def test_unsafe_tokens_are_refused(bad):
 
     with pytest.raises(UnsafeName):
         check_token(bad)
+
+
+def test_fp16_training_beside_bf16_keeps_fp32_lora_on_an_fp16_unet(tmp_path):
+    """The official command trains in fp16: the UNet runs in fp16, the LoRA factors and the package stay fp32."""
+    from pipelines.blora import TrainRequest, train_blora
+    from pipelines.models import load_pipeline
+
+    pipe = load_pipeline("tiny-sdxl")
+    dtypes = set()
+
+    def record(module, args, kwargs):
+        dtypes.add((args[0] if args else kwargs["sample"]).dtype)
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        package = train_blora(TrainRequest(image=EXAMPLES / "cat.jpg", out=tmp_path / "cat", model="tiny-sdxl",
+                                           steps=3, rank=4, learning_rate=1e-3, checkpoint_every=0,
+                                           sample_steps=1, mixed_precision="fp16"), pipe=pipe)
+    finally:
+        handle.remove()
+    assert torch.float16 in dtypes
+    with safe_open(str(package / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora.up." in k)
+    assert (package / "samples" / "full.png").is_file()

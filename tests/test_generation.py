@@ -61,13 +61,18 @@ def test_kohya_file_gives_the_same_image_as_the_diffusers_file(cat_package, tiny
     assert np.abs(_pixels(diffusers_image) - _pixels(base_image)).max() >= 4  # the LoRA did load
 
 
-def test_kohya_file_round_trips_through_diffusers_converter(cat_package):
-    from diffusers import StableDiffusionXLPipeline
+def test_kohya_file_round_trips_through_diffusers_converter(cat_package, tiny_sdxl_path):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.configuration_utils import FrozenDict
 
     from pipelines import formats
 
     ours = AdapterPackage.open(cat_package).state_dict("full")
-    converted, _ = StableDiffusionXLPipeline.lora_state_dict(str(cat_package / "kohya" / "cat.safetensors"))
+    # The UNet's layout maps sd-scripts' block names (output_blocks_0_1) to diffusers' blocks, as
+    # `load_lora_weights` does by passing it.
+    unet_config = FrozenDict(UNet2DConditionModel.load_config(tiny_sdxl_path / "unet"))
+    converted, _ = StableDiffusionXLPipeline.lora_state_dict(str(cat_package / "kohya" / "cat.safetensors"),
+                                                             unet_config=unet_config)
     names = sorted({k.rsplit(".lora_", 1)[0] for k in ours})
     back = formats.normalize_lora(converted, names)
     assert set(back) == set(ours)
@@ -138,3 +143,19 @@ def test_package_for_another_architecture_is_refused(cat_package, tmp_path):
     (fake / "adapter.json").write_text(json.dumps(info))
     with pytest.raises(InvalidAdapter, match="FLUX"):
         StudioPipeline("tiny-sdxl").generate("A [c]", content=AdapterChoice(AdapterPackage.open(fake), "content"))
+
+
+def test_sdxl_generates_at_the_official_50_steps_and_30_when_fast():
+    from types import SimpleNamespace
+
+    calls = []
+
+    def pipe(**kwargs):
+        calls.append(kwargs["num_inference_steps"])
+        return SimpleNamespace(images=[None])
+
+    studio = StudioPipeline("sdxl", pipe=pipe)
+    studio.generate("A photo of a cat")
+    studio.generate("A photo of a cat", fast=True)
+    studio.generate("A photo of a cat", steps=12, fast=True)
+    assert calls == [50, 30, 12]

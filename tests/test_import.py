@@ -33,15 +33,18 @@ def _peft_script(canonical):
 
 
 def _kohya(canonical):
+    """Block Studio's own kohya export: sd-scripts' SDXL names (`lora_unet_output_blocks_0_1_...`)."""
     return formats.to_kohya(canonical)
 
 
-def _kohya_sgm(canonical):
-    """kohya sd-scripts' own SDXL names: `lora_unet_output_blocks_0_1_...`."""
+def _kohya_diffusers_names(canonical):
+    """kohya keys with diffusers block names (`lora_unet_up_blocks_0_attentions_0_...`), alpha = rank, as
+    Block Studio wrote them before it used sd-scripts' names."""
     out = {}
-    for key, value in formats.to_kohya(canonical).items():
-        out[key.replace("up_blocks_0_attentions_0_", "output_blocks_0_1_")
-               .replace("up_blocks_0_attentions_1_", "output_blocks_1_1_")] = value
+    for module, (a, b) in formats.lora_modules(canonical).items():
+        name = "lora_unet_" + module.replace(".", "_")
+        out.update({f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b,
+                    f"{name}.alpha": torch.tensor(float(a.shape[0]))})
     return out
 
 
@@ -54,7 +57,7 @@ def _kohya_diffusers_names_with_alpha(canonical):
     return {k: (torch.tensor(v.item() / 2) if k.endswith(".alpha") else v) for k, v in kohya.items()}
 
 
-@pytest.mark.parametrize("layout", [_official, _lora_library, _peft_script, _kohya, _kohya_sgm,
+@pytest.mark.parametrize("layout", [_official, _lora_library, _peft_script, _kohya, _kohya_diffusers_names,
                                     _kohya_diffusers_names_with_alpha])
 def test_import_reads_every_known_layout(layout, canonical, tmp_path):
     source = tmp_path / "in.safetensors"

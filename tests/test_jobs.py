@@ -63,7 +63,7 @@ def _wait_for(predicate, timeout: float = 10.0) -> None:
 
 def test_jobs_run_one_at_a_time_in_order_with_visible_positions(manager):
     jobs, runner = manager
-    alice, bob = new_workspace_id(), new_workspace_id()
+    alice, bob = new_workspace_id(jobs.home), new_workspace_id(jobs.home)
     first = jobs.submit(alice, image=EXAMPLES / "cat.jpg", name="first", **SETTINGS)
     _wait_for(lambda: runner.started == ["first"])
     second = jobs.submit(bob, image=EXAMPLES / "coffee.jpg", name="second", **SETTINGS)
@@ -83,7 +83,7 @@ def test_jobs_run_one_at_a_time_in_order_with_visible_positions(manager):
 
 def test_each_owner_has_a_limit_and_sees_only_their_jobs(manager):
     jobs, _ = manager
-    alice, bob = new_workspace_id(), new_workspace_id()
+    alice, bob = new_workspace_id(jobs.home), new_workspace_id(jobs.home)
     jobs.submit(alice, image=EXAMPLES / "cat.jpg", name="cat0", **SETTINGS)
     with pytest.raises(JobError, match="already exists"):
         jobs.submit(alice, image=EXAMPLES / "cat.jpg", name="cat0", **SETTINGS)
@@ -100,7 +100,7 @@ def test_a_restart_marks_running_jobs_interrupted_and_requeues_waiting_ones(tmp_
     runner = GatedRunner()
     before = JobManager(tmp_path, runner=runner)
     monkeypatch.setattr(before, "_pipeline", lambda model: _NoPipe())
-    owner = new_workspace_id()
+    owner = new_workspace_id(tmp_path)
     running = before.submit(owner, image=EXAMPLES / "cat.jpg", name="running", **SETTINGS)
     _wait_for(lambda: runner.started == ["running"])
     waiting = before.submit(owner, image=EXAMPLES / "coffee.jpg", name="waiting", **SETTINGS)
@@ -116,7 +116,7 @@ def test_a_restart_marks_running_jobs_interrupted_and_requeues_waiting_ones(tmp_
 
 def test_resume_after_an_interruption_continues_from_the_checkpoint(tmp_path):
     """Real training: a shutdown at step 2 of 4 checkpoints the job; after a restart it resumes from there."""
-    owner = new_workspace_id()
+    owner = new_workspace_id(tmp_path)
     jobs = JobManager(tmp_path)
     stopped = jobs.submit(owner, image=EXAMPLES / "cat.jpg", name="stopped", **dict(SETTINGS, sample_every=0))
     _wait_for(lambda: jobs.get(owner, stopped.id).step >= 2, timeout=120)

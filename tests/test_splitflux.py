@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,8 @@ def make_recipe(pipe, **overrides) -> SplitFluxRecipe:
 
     options = dict(token="[c1]", style_token="[s1]", resolution=64, max_sequence_length=TEXT_LEN)
     options.update(overrides)
-    config_options = {"gradient_checkpointing": options.pop("gradient_checkpointing", None)}
+    config_options = {"gradient_checkpointing": options.pop("gradient_checkpointing", None),
+                      "seed": options.pop("seed", 0)}
     recipe = SplitFluxRecipe(pipe, crop(), SplitFluxSettings(**options))
     _allow_new_precision("no")  # fp32, whatever an earlier test in this process chose
     recipe.setup(Accelerator(mixed_precision="no", cpu=True), default_train_config(**config_options))
@@ -385,6 +387,92 @@ def test_gate_features_are_a_parameter(flux_pipe, source):
     torch.testing.assert_close(gate[TEXT_LEN:], visual_gate(features)[0])
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "flux_shift"])
+def test_flow_matching_input_target_and_timestep_follow_their_formulas(flux_pipe, sampling):
+    from diffusers import FluxPipeline
+
+    recipe = make_recipe(flux_pipe, timestep_sampling=sampling)
+    try:
+        packed, target, timestep = recipe.sample_latents(torch.Generator().manual_seed(11))
+    finally:
+        recipe.remove_adapters()
+    # The same draws in the same order: latent sample, noise, then u.
+    generator = torch.Generator().manual_seed(11)
+    x0 = recipe.latents.sample(generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    if sampling == "uniform":
+        u = float(torch.rand(1, generator=generator))
+    else:
+        u = 1.0 / (1.0 + math.exp(-float(torch.randn(1, generator=generator))))
+    if sampling == "flux_shift":
+        tokens = x0.shape[-2] * x0.shape[-1] // 4  # packed 2x2 patches
+        mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)  # FLUX.1's base/max shift and sequence lengths
+        sigma = math.exp(mu) / (math.exp(mu) + 1.0 / u - 1.0)
+    else:
+        sigma = (1000 - math.floor(1000 * u)) / 1000  # the scheduler's table: sigma_i = 1 - i / 1000
+    assert timestep.item() == pytest.approx(sigma, rel=1e-6)
+
+    def pack(latents):
+        b, c, h, w = latents.shape
+        return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+    torch.testing.assert_close(packed, pack((1.0 - sigma) * x0 + sigma * noise))
+    torch.testing.assert_close(target, pack(noise - x0))
+
+
+def test_flux_shift_moves_sigma_towards_noise_for_large_images(flux_pipe):
+    recipe = make_recipe(flux_pipe, timestep_sampling="flux_shift")
+    try:
+        small = [recipe.draw_sigma(torch.Generator().manual_seed(k), 16).item() for k in range(50)]
+        large = [recipe.draw_sigma(torch.Generator().manual_seed(k), 4096).item() for k in range(50)]
+    finally:
+        recipe.remove_adapters()
+    assert all(0.0 < s < 1.0 for s in small + large)
+    assert all(b > a for a, b in zip(small, large, strict=True))  # the same u, shifted further at 1024 px
+
+
+def test_complementary_loss_is_summed_over_the_gated_layers_and_averaging_is_a_setting(recipe):
+    from pipelines.adapters import complementary_loss
+
+    randomize_up_factors(recipe)
+    layers = recipe.gated_layers()
+    assert len(layers) == 30  # 10 content blocks x q, k, v
+    with torch.no_grad():
+        total = sum(float(complementary_loss(layer.lora_A_content, layer.lora_B_content, layer.lora_A_residual,
+                                             layer.lora_B_residual)) for layer in layers)
+    assert recipe.complementary_loss().item() == pytest.approx(total, rel=1e-5)
+    loss, terms = recipe.loss(torch.Generator().manual_seed(0))
+    assert terms["complementary"] == pytest.approx(total, rel=1e-5)
+    assert loss.item() == pytest.approx(terms["mse"] + 0.1 * total, rel=1e-5)
+    recipe.settings.complementary_reduction = "mean"
+    assert recipe.complementary_loss().item() == pytest.approx(total / 30, rel=1e-5)
+
+
+def _down_factors(pipe, seed: int, **overrides) -> dict[str, torch.Tensor]:
+    recipe = make_recipe(pipe, seed=seed, **overrides)
+    try:
+        return {k: v.clone() for k, v in recipe.adapter_state_dict().items() if ".lora_A" in k}
+    finally:
+        recipe.remove_adapters()
+
+
+def test_adapter_init_comes_from_the_runs_seed(flux_pipe):
+    first, same, other = (_down_factors(flux_pipe, seed) for seed in (0, 0, 1))
+    assert all(torch.equal(first[k], same[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+    # Gaussian down factors with std 1/rank in every kind of layer; up factors start at zero.
+    for key, rank in (("single_transformer_blocks.2.attn.to_q.lora_A_content", 48),
+                      ("single_transformer_blocks.2.attn.to_q.lora_A_residual", 16),
+                      ("single_transformer_blocks.10.attn.to_q.lora_A", 32),
+                      ("single_transformer_blocks.20.attn.to_q.lora_A", 64)):
+        assert first[key].shape[0] == rank
+        assert first[key].std().item() == pytest.approx(1 / rank, rel=0.1)
+    kaiming = _down_factors(flux_pipe, 0, lora_init="kaiming")
+    a = kaiming["single_transformer_blocks.20.attn.to_q.lora_A"]
+    bound = 1 / math.sqrt(a.shape[1])  # Kaiming-uniform with a = sqrt(5), PEFT's default
+    assert a.abs().max().item() <= bound and a.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+
+
 def test_loss_has_the_complementary_term_with_its_weight(recipe):
     randomize_up_factors(recipe)
     loss, terms = recipe.loss(torch.Generator().manual_seed(0))
@@ -445,20 +533,37 @@ def test_training_loss_falls(flux_pipe, tmp_path):
     assert np.mean(result.loss_history[-10:]) < np.mean(result.loss_history[:10])
 
 
-def test_export_bakes_rca_alpha_and_splits_the_content_branches(recipe):
+def test_export_parts_follow_the_paper_and_bake_rca_alpha(recipe):
     randomize_up_factors(recipe)
     parts = recipe.export_parts()
-    assert set(block_ranks(parts["content"])) == set(range(12))
-    assert block_ranks(parts["content"]) == {**{i: {64} for i in range(10)}, 10: {32}, 11: {32}}
-    assert block_ranks(parts["content_reembed"]) == {**{i: {48} for i in range(10)}, 10: {32}, 11: {32}}
+    assert set(parts) == {"content", "content_reembed", "boundary", "style"}
+    assert block_ranks(parts["content"]) == {i: {64} for i in range(10)}
+    assert block_ranks(parts["content_reembed"]) == {i: {48} for i in range(10)}
+    assert block_ranks(parts["boundary"]) == {10: {32}, 11: {32}}
     assert block_ranks(parts["style"]) == {i: {64} for i in range(12, 38)}
     boundary = recipe.layers["single_transformer_blocks.10.attn.to_k"]
-    exported_b = parts["content"]["single_transformer_blocks.10.attn.to_k.lora_B.weight"]
+    exported_b = parts["boundary"]["single_transformer_blocks.10.attn.to_k.lora_B.weight"]
     torch.testing.assert_close(exported_b, 2.0 * boundary.lora_B.detach())
     gated = recipe.layers["single_transformer_blocks.3.attn.to_v"]
     a = parts["content_reembed"]["single_transformer_blocks.3.attn.to_v.lora_A.weight"]
     b = parts["content_reembed"]["single_transformer_blocks.3.attn.to_v.lora_B.weight"]
     torch.testing.assert_close(b @ a, (gated.lora_B_content @ gated.lora_A_content).detach())
+    a = parts["content"]["single_transformer_blocks.3.attn.to_v.lora_A.weight"]
+    b = parts["content"]["single_transformer_blocks.3.attn.to_v.lora_B.weight"]
+    torch.testing.assert_close(b @ a, (gated.lora_B_content @ gated.lora_A_content
+                                       + gated.lora_B_residual @ gated.lora_A_residual).detach())
+    style = recipe.layers["single_transformer_blocks.20.attn.to_q"]
+    a = parts["style"]["single_transformer_blocks.20.attn.to_q.lora_A.weight"]
+    b = parts["style"]["single_transformer_blocks.20.attn.to_q.lora_B.weight"]
+    torch.testing.assert_close(b @ a, (style.lora_B @ style.lora_A).detach())
+
+
+def test_no_boundary_blocks_means_no_boundary_part(flux_pipe):
+    recipe = make_recipe(flux_pipe, boundary_blocks=(), style_blocks=tuple(range(10, 38)))
+    try:
+        assert set(recipe.export_parts()) == {"content", "content_reembed", "style"}
+    finally:
+        recipe.remove_adapters()
 
 
 def test_fp8_base_trains_with_fp32_adapters(flux_pipe):
@@ -517,10 +622,11 @@ def test_nf4_without_bitsandbytes_or_cuda_fails_in_one_line(tmp_path):
 def test_package_holds_every_part_and_describes_itself(cat_flux_package):
     names = {p.relative_to(cat_flux_package).as_posix() for p in cat_flux_package.rglob("*") if p.is_file()}
     for required in ("pytorch_lora_weights.safetensors", "content.safetensors", "content_reembed.safetensors",
-                     "style.safetensors", "kohya/cat.safetensors", "kohya/cat_content.safetensors",
-                     "kohya/cat_content_reembed.safetensors", "kohya/cat_style.safetensors", "adapter.json",
-                     "README.md", "loss.json", "samples/input.png", "samples/full.png", "samples/content.png",
-                     "samples/content_reembed.png", "samples/style.png"):
+                     "boundary.safetensors", "style.safetensors", "kohya/cat.safetensors",
+                     "kohya/cat_content.safetensors", "kohya/cat_content_reembed.safetensors",
+                     "kohya/cat_boundary.safetensors", "kohya/cat_style.safetensors", "adapter.json",
+                     "README.md", "loss.json", "samples/input.png", "samples/full.png", "samples/mix.png",
+                     "samples/content.png", "samples/content_reembed.png", "samples/style.png"):
         assert required in names, required
     info = json.loads((cat_flux_package / "adapter.json").read_text())
     assert info["method"] == "splitflux" and info["arch"] == "flux" and info["base_model"] == "tiny-flux"
@@ -536,51 +642,98 @@ def test_package_holds_every_part_and_describes_itself(cat_flux_package):
     assert Image.open(cat_flux_package / "samples/input.png").size == (64, 64)
     card = (cat_flux_package / "README.md").read_text()
     assert "content_reembed.safetensors" in card and "FluxPipeline" in card
+    # The card's diffusers example loads what mixing loads.
+    assert 'weight_name="content_reembed.safetensors", adapter_name="content"' in card
+
+
+def test_each_part_holds_what_the_paper_loads_read_from_its_files_alone(cat_flux_package):
+    files = {part: canonical(cat_flux_package / f"{part}.safetensors")
+             for part in ("content", "content_reembed", "boundary", "style")}
+    # Re-embedding and mixing: dW_cnt alone, on the content blocks only.
+    assert block_ranks(files["content_reembed"]) == {i: {48} for i in range(10)}
+    # Disentangled content: dW_cnt (+) dW_res on the content blocks only, the very dW_cnt above at weight 1,
+    # then the trained residual branch.
+    assert block_ranks(files["content"]) == {i: {64} for i in range(10)}
+    reembed = formats.lora_modules(files["content_reembed"])
+    for module, (a, b) in formats.lora_modules(files["content"]).items():
+        assert torch.equal(a[:48], reembed[module][0]) and torch.equal(b[:, :48], reembed[module][1])
+        assert b[:, 48:].abs().sum() > 0
+    # The boundary blocks, a part of their own; the style blocks.
+    assert block_ranks(files["boundary"]) == {10: {32}, 11: {32}}
+    assert block_ranks(files["style"]) == {i: {64} for i in range(12, 38)}
+    # The whole adapter is content, boundary and style, nothing more or less.
+    full = canonical(cat_flux_package / "pytorch_lora_weights.safetensors")
+    union = {**files["content"], **files["boundary"], **files["style"]}
+    assert len(union) == len(files["content"]) + len(files["boundary"]) + len(files["style"])
+    assert sorted(full) == sorted(union) and all(torch.equal(full[k], union[k]) for k in full)
+
+
+def test_adapter_json_records_the_composition_and_each_parts_blocks_branches_and_scales(cat_flux_package):
+    info = json.loads((cat_flux_package / "adapter.json").read_text())
+    assert info["composition"] == {"name": "paper", "optional": ["boundary"], "uses": {
+        "mix": "content_reembed", "content": "content", "reembed": "content_reembed", "style": "style"}}
+    parts = info["parts"]
+    assert parts["content"]["branches"] == {"content": 1.0, "residual": 1.0}
+    assert parts["content_reembed"]["branches"] == {"content": 1.0}
+    assert parts["boundary"]["branches"] == {"rca": 2.0}
+    assert parts["style"]["branches"] == {"style": 1.0}
+    assert parts["full"]["parts"] == ["content", "boundary", "style"]
+    # What adapter.json says each part holds is what its file holds.
+    for part in ("content", "content_reembed", "boundary", "style"):
+        ranks = block_ranks(canonical(cat_flux_package / f"{part}.safetensors"))
+        assert parts[part]["blocks"] == f"single_transformer_blocks.{format_blocks(sorted(ranks))}"
+        assert set().union(*ranks.values()) == {parts[part]["rank"]}
+        _, metadata = formats.read_safetensors(cat_flux_package / f"{part}.safetensors")
+        assert metadata["blockstudio.part"] == part
+    assert info["complementary_reduction"] == "sum" and info["optimizer"] == "Adam, 32-bit state"
+    assert info["lora_init"] == "gaussian"
+
+
+def test_paper_silent_choices_are_named_settings_in_the_docstring_the_cli_and_the_card(cat_flux_package):
+    import dataclasses
+
+    import pipelines.splitflux as recipe_module
+    from studio.cli import build_parser
+
+    settings = {f.name: f.default for f in dataclasses.fields(SplitFluxSettings)}
+    requested = {f.name for f in dataclasses.fields(SplitFluxRequest)}
+    args = vars(build_parser().parse_args(["train", "splitflux", "--image", "x.png", "--out", "x"]))
+    card = (cat_flux_package / "README.md").read_text()
+    info = json.loads((cat_flux_package / "adapter.json").read_text())
+    for name in recipe_module.PAPER_SILENT:
+        default = settings[name]
+        shown = (f"`{','.join(default)}`" if isinstance(default, tuple)
+                 else f'"{default}"' if isinstance(default, str) else repr(default))
+        assert f"- `{name}` ({shown})" in recipe_module.__doc__, name
+        assert name in requested and {"guidance": "training_guidance"}.get(name, name) in args, name
+        assert f"| {name} | `" in card, name
+        assert name in info["paper_silent"], name
 
 
 def test_package_files_have_the_right_blocks_and_ranks(cat_flux_package):
     full = canonical(cat_flux_package / "pytorch_lora_weights.safetensors")
     assert block_ranks(full) == {**{i: {64} for i in range(10)}, 10: {32}, 11: {32},
                                  **{i: {64} for i in range(12, 38)}}
-    assert set(block_ranks(canonical(cat_flux_package / "content.safetensors"))) == set(range(12))
-    assert block_ranks(canonical(cat_flux_package / "content_reembed.safetensors"))[0] == {48}
+    assert block_ranks(canonical(cat_flux_package / "content.safetensors")) == {i: {64} for i in range(10)}
+    assert block_ranks(canonical(cat_flux_package / "content_reembed.safetensors")) == {i: {48} for i in range(10)}
+    assert block_ranks(canonical(cat_flux_package / "boundary.safetensors")) == {10: {32}, 11: {32}}
     assert set(block_ranks(canonical(cat_flux_package / "style.safetensors"))) == set(range(12, 38))
     _, metadata = formats.read_safetensors(cat_flux_package / "style.safetensors")
     assert metadata["blockstudio.style_token"] == "[s5]" and metadata["blockstudio.method"] == "splitflux"
 
 
-def test_kohya_files_use_sd_scripts_flux_names_and_round_trip(cat_flux_package):
+def test_kohya_files_name_each_module_and_round_trip(cat_flux_package):
     kohya = load_file(cat_flux_package / "kohya" / "cat.safetensors")
-    assert all(k.startswith("lora_unet_single_blocks_") for k in kohya)
-    assert "lora_unet_single_blocks_10_linear1.lora_down.weight" in kohya
+    assert all(k.startswith("lora_transformer_single_transformer_blocks_") for k in kohya)
+    assert "lora_transformer_single_transformer_blocks_10_attn_to_q.lora_down.weight" in kohya
     _, style_meta = formats.read_safetensors(cat_flux_package / "kohya" / "cat_style.safetensors")
-    assert style_meta["modelspec.trigger_phrase"] == "[s5]" and style_meta["ss_network_module"] == "networks.lora_flux"
-    assert kohya["lora_unet_single_blocks_10_linear1.lora_up.weight"].shape == (7 * 64, 4 * 32)
+    assert style_meta["modelspec.trigger_phrase"] == "[s5]" and style_meta["ss_network_dim"] == "64"
+    assert kohya["lora_transformer_single_transformer_blocks_10_attn_to_q.lora_up.weight"].shape == (64, 32)
     full = canonical(cat_flux_package / "pytorch_lora_weights.safetensors")
-    back = formats.from_kohya_flux(kohya)
+    back = formats.normalize_lora(kohya, sorted(formats.lora_modules(full)), component="transformer")
     assert sorted(back) == sorted(full)
     for key in full:
         torch.testing.assert_close(back[key], full[key])
-
-
-def test_kohya_flux_files_convert_exactly_in_diffusers_at_full_size():
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
-
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for module, rank in (("attn.to_q", 4), ("attn.to_k", 4), ("attn.to_v", 2)):
-        state[f"single_transformer_blocks.11.{module}.lora_A.weight"] = torch.randn(rank, 3072, generator=generator)
-        state[f"single_transformer_blocks.11.{module}.lora_B.weight"] = torch.randn(3072, rank, generator=generator)
-    kohya = formats.to_kohya_flux(state)
-    converted = _convert_kohya_flux_lora_to_diffusers(dict(kohya))
-    for module in ("attn.to_q", "attn.to_k", "attn.to_v"):
-        prefix = f"transformer.single_transformer_blocks.11.{module}"
-        delta = converted[f"{prefix}.lora_B.weight"] @ converted[f"{prefix}.lora_A.weight"]
-        ours = state[f"single_transformer_blocks.11.{module}.lora_B.weight"] @ \
-            state[f"single_transformer_blocks.11.{module}.lora_A.weight"]
-        torch.testing.assert_close(delta, ours)
-    # proj_mlp shares the fused module and comes back as an all-zero update.
-    assert not converted["transformer.single_transformer_blocks.11.proj_mlp.lora_B.weight"].any()
 
 
 def test_exported_loras_reload_in_plain_diffusers_with_their_scale(cat_flux_package, flux_path):
@@ -617,7 +770,8 @@ def test_cli_generate_mixes_packages_and_plain_diffusers_reproduces_it(cat_flux_
     coffee = json.loads((coffee_flux_package / "adapter.json").read_text())
     prompt = f"A [c5] object in {coffee['style_token']} style"
     pipe = FluxPipeline.from_pretrained(flux_path)
-    pipe.load_lora_weights(cat_flux_package, weight_name="content.safetensors", adapter_name="content")
+    # The paper's mix: the content branch of one package (the part mixing loads by default) and another's style.
+    pipe.load_lora_weights(cat_flux_package, weight_name="content_reembed.safetensors", adapter_name="content")
     pipe.load_lora_weights(coffee_flux_package, weight_name="style.safetensors", adapter_name="style")
     pipe.set_adapters(["content", "style"], adapter_weights=[1.0, 1.0])
     image = pipe(prompt, num_inference_steps=4, guidance_scale=3.5, width=64, height=64,
@@ -639,6 +793,89 @@ def test_cli_generate_reembeds_a_subject_with_the_content_branch(cat_flux_packag
         assert code == 0
         outs.append(np.asarray(Image.open(out)))
     assert not np.array_equal(outs[0], outs[1])
+
+
+def _adapter_blocks(transformer) -> dict[str, dict[int, set[int]]]:
+    """{adapter name: {single block: ranks}} of the LoRA layers diffusers loaded into the transformer."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, dict[int, set[int]]] = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, LoraLayer) and name.startswith("single_transformer_blocks."):
+            for adapter, linear in module.lora_A.items():
+                out.setdefault(adapter, {}).setdefault(int(name.split(".")[1]), set()).add(linear.out_features)
+    return out
+
+
+def _plain_flux(flux_path, loads: list[tuple[Path, str, str, float]], prompt: str, seed: int):
+    """What a user writes with diffusers alone: load the files as named adapters, set scales, CPU generator."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(flux_path)
+    pipe.set_progress_bar_config(disable=True)
+    for folder, weight_name, adapter, _ in loads:
+        pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter)
+    pipe.set_adapters([a for _, _, a, _ in loads], adapter_weights=[w for *_, w in loads])
+    return pipe(prompt, num_inference_steps=2, guidance_scale=3.5, width=64, height=64,
+                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+
+def test_mix_loads_the_content_branch_and_style_and_the_boundary_only_when_asked(
+        cat_flux_package, coffee_flux_package, flux_path):
+    from dataclasses import replace
+
+    from pipelines.generation import AdapterChoice, StudioPipeline
+    from pipelines.package import AdapterPackage
+
+    cat, coffee = AdapterPackage.open(cat_flux_package), AdapterPackage.open(coffee_flux_package)
+    studio = StudioPipeline("tiny-flux")
+    content, style = AdapterChoice.for_use(cat, "mix"), AdapterChoice.for_use(coffee, "style", 1.2)
+    assert (content.part, style.part) == ("content_reembed", "style")
+    prompt = "A [c] object in [s] style"
+    studio.generate(prompt, content=content, style=style, steps=2)
+    loaded = _adapter_blocks(studio.pipe.transformer)
+    assert loaded == {"content": {i: {48} for i in range(10)}, "style": {i: {64} for i in range(12, 38)}}
+    # The boundary blocks join as an adapter of their own, at the content scale, only when asked for.
+    with_boundary = replace(content, scale=0.7, extras=("boundary",))
+    image = studio.generate(prompt, content=with_boundary, style=style, seed=1, steps=2)[0]
+    assert _adapter_blocks(studio.pipe.transformer)["content_boundary"] == {10: {32}, 11: {32}}
+    expanded = prompt.replace("[c]", cat.token).replace("[s]", coffee.style_token)
+    reference = _plain_flux(flux_path, [(cat_flux_package, "content_reembed.safetensors", "c", 0.7),
+                                        (cat_flux_package, "boundary.safetensors", "b", 0.7),
+                                        (coffee_flux_package, "style.safetensors", "s", 1.2)], expanded, seed=1)
+    assert np.array_equal(np.asarray(image), np.asarray(reference))
+    studio.generate(prompt, content=content, style=style, steps=2)
+    assert set(_adapter_blocks(studio.pipe.transformer)) == {"content", "style"}
+
+
+def test_package_in_the_old_layout_still_loads_mixes_and_says_so(cat_flux_package, coffee_flux_package, flux_path,
+                                                                 tmp_path, capsys):
+    from pipelines.model_card import render_model_card
+    from pipelines.package import AdapterPackage
+    from tests.legacy_packages import old_splitflux_layout
+
+    old = old_splitflux_layout(cat_flux_package, tmp_path / "cat-old")
+    assert block_ranks(canonical(old / "content.safetensors")) == {**{i: {64} for i in range(10)}, 10: {32}, 11: {32}}
+    package = AdapterPackage.open(old)
+    assert package.composition["recorded"] is False
+    assert (package.part_for("mix"), package.part_for("reembed")) == ("content", "content_reembed")
+    line = package.composition_line()
+    assert line.startswith("older package") and "plus the boundary blocks" in line
+    # It mixes as it always did: its content part, boundary blocks included, with another package's style.
+    out = tmp_path / "mix.png"
+    assert _run_cli(["generate", "--content", str(old), "--style", str(coffee_flux_package), "--prompt",
+                     "A [c] object in [s] style", "--seed", "2", "--steps", "2", "--out", str(out)]) == 0
+    style_token = json.loads((coffee_flux_package / "adapter.json").read_text())["style_token"]
+    reference = _plain_flux(flux_path, [(old, "content.safetensors", "c", 1.0),
+                                        (coffee_flux_package, "style.safetensors", "s", 1.0)],
+                            f"A {package.token} object in {style_token} style", seed=2)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(reference))
+    # Its boundary blocks are inside its content parts: asking for them apart says what the package has.
+    code = _run_cli(["generate", "--content", str(old), "--with-boundary", "--out", str(tmp_path / "b.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no 'boundary' part" in err and "\n" not in err
+    card = render_model_card(package.info)
+    assert "content.safetensors" in card and "boundary.safetensors" not in card
 
 
 # -- training runs --------------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ def test_cancelled_retrain_leaves_the_previous_package_intact(cat_package, tmp_p
     from tests.conftest import EXAMPLES
 
     with pytest.raises(TrainingCancelled):
-        train_blora(TrainRequest(image=EXAMPLES / "coffee.jpg", out=target, model="tiny-sdxl", steps=5, rank=4),
+        train_blora(TrainRequest(image=EXAMPLES / "coffee.jpg", out=target, model="tiny-sdxl", steps=5, rank=4,
+                                 force=True),
                     on_progress=stop, cancel=cancel)
     after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
     assert after == before
@@ -140,6 +141,21 @@ def test_progress_events_report_step_rate_and_eta(tmp_path):
     assert [e.step for e in events] == [1, 2, 3, 4, 5]
     assert all(e.total_steps == 5 and e.steps_per_s > 0 and e.loss > 0 for e in events)
     assert events[-1].eta_s == 0
+
+
+def test_reported_speed_counts_the_time_previews_take(tmp_path):
+    """A preview belongs to its step's time, also on the first step of a run (or of a resumed one)."""
+    import time
+
+    from pipelines.blora import TrainRequest, train_blora
+    from tests.conftest import EXAMPLES
+
+    events = []
+    train_blora(TrainRequest(image=EXAMPLES / "cat.jpg", out=tmp_path / "p", model="tiny-sdxl", steps=3, rank=4,
+                             sample_every=1, sample_steps=1, samples=False),
+                on_progress=events.append, on_sample=lambda step, image: time.sleep(0.5))
+    assert [e.step for e in events] == [1, 2, 3]
+    assert all(0 < e.steps_per_s <= 2.0 for e in events)  # each step took at least its 0.5 s preview
 
 
 def test_same_seed_same_adapter_and_other_seed_another(tmp_path):

@@ -35,13 +35,13 @@ def test_a_link_planted_inside_cannot_lead_outside(tmp_path):
 
 
 def test_messages_lose_the_server_paths(tmp_path):
-    workspace = Workspace(new_workspace_id(), tmp_path)
+    workspace = Workspace(new_workspace_id(tmp_path), tmp_path)
     text = f"{workspace.packages / 'cat'} is not a package; see {tmp_path / 'tiny'}"
     assert workspace.scrub(text) == "cat is not a package; see <data>/tiny"
 
 
 def test_package_names_come_from_file_names_and_never_collide(tmp_path):
-    library = Library(Workspace(new_workspace_id(), tmp_path), shared=tmp_path / "none")
+    library = Library(Workspace(new_workspace_id(tmp_path), tmp_path), shared=tmp_path / "none")
     assert slug("My cat (2).JPG") == "My-cat-2-JPG" and slug("...") == "adapter"
     (library.workspace.packages / "cat.partial").mkdir()
     assert library.unique_name("cat") == "cat-2"
@@ -49,7 +49,7 @@ def test_package_names_come_from_file_names_and_never_collide(tmp_path):
 
 
 def test_a_zip_with_a_link_is_refused_and_leaves_nothing_behind(tmp_path):
-    library = Library(Workspace(new_workspace_id(), tmp_path), shared=tmp_path / "none")
+    library = Library(Workspace(new_workspace_id(tmp_path), tmp_path), shared=tmp_path / "none")
     upload = tmp_path / "link.zip"
     with zipfile.ZipFile(upload, "w") as archive:
         info = zipfile.ZipInfo("pkg/adapter.json")
@@ -65,7 +65,7 @@ def test_shared_packages_are_listed_but_read_only(tmp_path, cat_package):
 
     shared = tmp_path / "shared"
     shutil.copytree(cat_package, shared / "cat")
-    library = Library(Workspace(new_workspace_id(), tmp_path), shared=shared)
+    library = Library(Workspace(new_workspace_id(tmp_path), tmp_path), shared=shared)
     assert [s.name for s in library.list()] == ["shared:cat"]
     assert library.open("shared:cat").token.startswith("[v")
     with pytest.raises(LibraryError, match="read-only"):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import colorsys
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from studio.library import tokens_of
+from pipelines.storage import atomic_file
+from studio.library import PackageSummary, tokens_of
 from studio.methods import models_for
-from studio.ui.common import Studio, handler
+from studio.ui.common import Studio, checked_upload, format_size, handler
+from studio.workspace import Workspace
 
 EMPTY = ("Your library is empty. Train a package in the **Train** tab, or import a Block Studio package "
          "(.zip) or a B-LoRA .safetensors file below.")
@@ -58,8 +63,9 @@ def build(studio: Studio) -> LibraryTab:
     def listing(workspace_id):
         summaries = studio.library(workspace_id).list()
         items = [(str(s.thumbnail), s.caption) for s in summaries if s.thumbnail]
-        # A package without previews (an imported file) still needs a tile: show its caption on a blank one.
-        items += [(_blank_tile(studio), s.caption) for s in summaries if not s.thumbnail]
+        # A package without previews (an imported file) still needs a tile: one that names it.
+        workspace = studio.workspace_of(workspace_id)
+        items += [(str(name_tile(workspace, s)), s.caption) for s in summaries if not s.thumbnail]
         names = [s.name for s in summaries if s.thumbnail] + [s.name for s in summaries if not s.thumbnail]
         return items, names
 
@@ -74,18 +80,21 @@ def build(studio: Studio) -> LibraryTab:
     def inspect(workspace_id, name):
         if not name:
             return "", {}, ""
-        data = studio.library(workspace_id).inspect(name)
+        library = studio.library(workspace_id)
+        data = library.inspect(name)
         info = data["adapter"]
-        size = sum(data["files"].values()) / 1e6
+        origin = (f"imported from `{info['imported_from']}`" if info.get("imported_from")
+                  else f"{info.get('steps', '–')} steps")
         facts = (f"**{name}** · {info.get('method', '?')} on `{info.get('base_model', '?')}`  \n"
-                 f"Token `{tokens_of(info)}` · rank {info.get('rank', info.get('ranks', '?'))} · "
-                 f"{info.get('steps', '–')} steps · {str(info.get('created', ''))[:16].replace('T', ' ')} · "
-                 f"{size:.1f} MB")
+                 f"Token `{tokens_of(info)}` · {rank_text(info)} · {origin} · "
+                 f"{str(info.get('created', ''))[:16].replace('T', ' ')} · {format_size(sum(data['files'].values()))}  \n"
+                 f"Composition: {library.open(name).composition_line()}")
         return facts, data, name.removeprefix("shared:")
 
     @handler
     def rename_package(workspace_id, name, wanted):
         new = studio.library(workspace_id).rename(name, wanted)
+        studio.jobs.package_renamed(studio.workspace_of(workspace_id).id, name, new)
         gr.Info(f"Renamed {name} to {new}.")
         return show_library(workspace_id, new)
 
@@ -104,8 +113,8 @@ def build(studio: Studio) -> LibraryTab:
     def import_package(workspace_id, path, name, model, token):
         if not path:
             raise gr.Error("Choose a .zip or .safetensors file to import.", print_exception=False)
-        imported = studio.library(workspace_id).import_file(path, name=name or None, model=model or "sdxl",
-                                                          token=token or None)
+        imported = studio.library(workspace_id).import_file(checked_upload(path), name=name or None,
+                                                          model=model or "sdxl", token=token or None)
         gr.Info(f"Imported {imported}.")
         return show_library(workspace_id, imported) + (None,)
 
@@ -128,20 +137,33 @@ def build(studio: Studio) -> LibraryTab:
     return LibraryTab(outputs=listed, refresh=lambda workspace_id: show_library(workspace_id, None))
 
 
-_BLANK: dict[str, str] = {}
+def rank_text(info: dict) -> str:
+    """`rank 64`, or each part's rank where they differ (an imported file records them per part)."""
+    if isinstance(info.get("rank"), int):
+        return f"rank {info['rank']}"
+    ranks = info.get("ranks")
+    if isinstance(ranks, dict) and ranks:
+        if len(set(ranks.values())) == 1:
+            return f"rank {next(iter(ranks.values()))}"
+        return "ranks " + ", ".join(f"{part} {rank}" for part, rank in ranks.items())
+    return "rank ?"
 
 
-def _blank_tile(studio: Studio) -> str:
-    """A neutral square for packages without a preview image (written once per data folder)."""
-    key = str(studio.home)
-    if key not in _BLANK:
-        from PIL import Image
+def name_tile(workspace: Workspace, summary: PackageSummary) -> Path:
+    """A tile for a package without a preview image: its name and method on a colour of its own."""
+    digest = hashlib.sha256(f"{summary.name}|{summary.method}|{summary.base_model}".encode()).hexdigest()
+    path = workspace.folder("tiles") / f"{digest[:20]}.png"
+    if not path.is_file():
+        from PIL import Image, ImageDraw, ImageFont
 
-        from studio.workspace import workspaces_root
-
-        path = workspaces_root(studio.home) / "no-preview.png"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (256, 256), (226, 228, 240)).save(path)
-        _BLANK[key] = str(path)
-    return _BLANK[key]
+        hue = int(digest[:2], 16) / 255
+        background = tuple(int(255 * c) for c in colorsys.hls_to_rgb(hue, 0.9, 0.45))
+        tile = Image.new("RGB", (256, 256), background)
+        draw = ImageDraw.Draw(tile)
+        title = summary.title if len(summary.title) <= 18 else summary.title[:17] + "…"
+        draw.text((128, 112), title, fill=(40, 40, 60), font=ImageFont.load_default(size=24), anchor="mm")
+        draw.text((128, 150), f"{summary.method} · no preview", fill=(90, 90, 110),
+                  font=ImageFont.load_default(size=15), anchor="mm")
+        with atomic_file(path) as tmp:
+            tile.save(tmp, format="PNG")
+    return path

@@ -1,4 +1,8 @@
-"""The Mix tab: the content of one package with the style of another, as one image, a before/after, or a grid."""
+"""The Mix tab: the content of one package with the style of another, as one image, a before/after, or a grid.
+
+The content slot loads the part the package mixes with (SplitFlux: the content branch alone, as the paper
+mixes) unless another part is chosen; a SplitFlux package's boundary blocks join only when asked for.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,27 @@ import gradio as gr
 
 from pipelines.generation import AdapterChoice
 from studio.gpu import gpu
-from studio.mixing import GenerationSettings, parameters, parse_scales, recent_outputs, save_output
+from studio.mixing import (
+    GenerationError,
+    GenerationSettings,
+    parameters,
+    parse_scales,
+    recent_outputs,
+    save_output,
+)
 from studio.ui.common import Studio, handler
 
 # Every generating event shares one queue served one request at a time: the warm pipeline's adapter slots
-# are shared state, and Gradio shows each waiting page its place in the line.
-GENERATE = dict(concurrency_id="generate", concurrency_limit=1)
+# are shared state, and Gradio shows each waiting page its place in the line. Their values reach the handlers
+# raw (preprocess=False) and are checked there (`GenerationSettings.checked`, `AdapterChoice`), so a bad number
+# gets a line naming its field rather than Gradio's unnamed bounds error or, for NaN, no message at all.
+GENERATE = dict(concurrency_id="generate", concurrency_limit=1, preprocess=False)
+DEFAULT_PART = "default"
+CONTENT_PARTS = [
+    ("The part the package mixes with (SplitFlux: content branch)", DEFAULT_PART),
+    ("content: the content blocks' whole adapter (SplitFlux: both branches)", "content"),
+    ("content_reembed: the content branch alone (SplitFlux)", "content_reembed"),
+]
 
 
 @dataclass
@@ -24,30 +43,63 @@ class MixTab:
 
 
 def settings_controls() -> list[gr.components.Component]:
-    """Seed, steps, guidance and size; blank means the base model's default."""
+    """Seed, steps, guidance, size, negative prompt and "fast"; blank means the base model's default.
+
+    The optional values are text boxes: a number box cannot stay blank (it fills with 0 when first shown),
+    and a 0 there is not the model's default.
+    """
     with gr.Row():
-        seed = gr.Number(value=0, label="Seed", precision=0, minimum=0)
-        steps = gr.Number(value=None, label="Steps", precision=0, minimum=1, maximum=150,
-                          info="blank: the model's default")
-        guidance = gr.Number(value=None, label="Guidance", minimum=0, maximum=30, info="blank: the model's default")
+        seed = gr.Number(value=0, label="Seed", precision=0)
+        steps = gr.Textbox(label="Steps", placeholder="the model's default", max_length=8)
+        guidance = gr.Textbox(label="Guidance", placeholder="the model's default", max_length=8)
     with gr.Row():
-        width = gr.Number(value=None, label="Width", precision=0, info="blank: the model's size")
-        height = gr.Number(value=None, label="Height", precision=0, info="blank: the model's size")
+        width = gr.Textbox(label="Width", placeholder="the model's size", max_length=8)
+        height = gr.Textbox(label="Height", placeholder="the model's size", max_length=8)
         negative = gr.Textbox(label="Negative prompt", max_length=500)
-    return [seed, steps, guidance, width, height, negative]
+    fast = gr.Checkbox(value=False, label="Fast", info="blank steps: the model's fast setting (SDXL 30 instead of 50)")
+    return [seed, steps, guidance, width, height, negative, fast]
 
 
-def make_settings(seed, steps, guidance, width, height, negative) -> GenerationSettings:
+def optional_number(value, label: str, whole: bool = True) -> float | int | None:
+    """A settings box's value: None when blank, else the number it holds (one line naming the box if not)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = float("nan")
+    kind = "a whole number" if whole else "a number"
+    if number != number or number in (float("inf"), float("-inf")) or (whole and not number.is_integer()):
+        raise GenerationError(f"{label} must be {kind}, or blank for the model's default (not {str(value)[:20]!r})")
+    return int(number) if whole else number
+
+
+def make_settings(seed, steps, guidance, width, height, negative, fast=False) -> GenerationSettings:
     """The settings controls' values as `GenerationSettings` (checked when used)."""
-    return GenerationSettings(seed=int(seed or 0), steps=steps or None, guidance=guidance,
-                              width=width or None, height=height or None, negative_prompt=negative or None)
+    return GenerationSettings(seed=0 if seed is None else seed, steps=optional_number(steps, "steps"),
+                              guidance=optional_number(guidance, "guidance", whole=False),
+                              width=optional_number(width, "width"), height=optional_number(height, "height"),
+                              negative_prompt=negative or None, fast=False if fast is None else fast)
 
 
-def choose(studio: Studio, workspace_id: str | None, name: str | None, part: str, scale: float) -> AdapterChoice | None:
+def part_controls() -> list[gr.components.Component]:
+    """Which content part the mix loads, and whether a SplitFlux package's boundary blocks join it."""
+    part = gr.Dropdown(CONTENT_PARTS, value=DEFAULT_PART, label="Content part")
+    boundary = gr.Checkbox(value=False, label="Add the boundary blocks",
+                           info="SplitFlux: the boundary adapter beside the content part, at its scale")
+    return [part, boundary]
+
+
+def choose(studio: Studio, workspace_id: str | None, name: str | None, use: str, scale: float,
+           part: str | None = DEFAULT_PART, boundary: bool = False) -> AdapterChoice | None:
+    """The package `name` for `use` ("mix", "reembed", "style"), or the chosen `part` of it."""
     if not name:
         return None
     package = studio.library(workspace_id).open(name)
-    return AdapterChoice(package, part, float(scale))
+    if part is not None and part not in [value for _, value in CONTENT_PARTS]:
+        raise ValueError(f"unknown content part {part!r}; choose one of the list")
+    chosen = package.part_for(use) if part in (None, DEFAULT_PART) else part
+    return AdapterChoice(package, chosen, float(scale), ("boundary",) if boundary else ())
 
 
 def build(studio: Studio) -> MixTab:
@@ -56,10 +108,11 @@ def build(studio: Studio) -> MixTab:
         with gr.Column(scale=2):
             with gr.Row():
                 with gr.Column(min_width=220):
-                    content = studio.package_picker("Content from", "content", elem_id="mix-content")
+                    content = studio.package_picker("Content from", "content", generates=True, elem_id="mix-content")
                     content_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Content scale")
                 with gr.Column(min_width=220):
-                    style = studio.package_picker("Style from", "style", elem_id="mix-style")
+                    style = studio.package_picker("Style from", "style", generates=True, partner=content,
+                                                 elem_id="mix-style")
                     style_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Style scale")
             prompt = gr.Textbox(value="A [c] in [s] style", label="Prompt", max_length=300, elem_id="mix-prompt",
                                 info="[c] becomes the content package's token, [s] the style package's.")
@@ -69,6 +122,8 @@ def build(studio: Studio) -> MixTab:
                 grid = gr.Button("Scale grid", size="lg", elem_id="mix-grid")
             with gr.Accordion("Generation settings", open=False):
                 settings = settings_controls()
+            with gr.Accordion("Content part", open=False):
+                parts = part_controls()
             with gr.Accordion("Scale grid", open=False):
                 gr.Markdown("Every content scale against every style scale, same seed and prompt. A scale "
                             "multiplies the adapter's weight delta (official B-LoRA `alpha = a` is a scale of a²).")
@@ -89,11 +144,11 @@ def build(studio: Studio) -> MixTab:
     @handler
     @gpu
     def mix(workspace_id, content_name, content_scale, style_name, style_scale, prompt, with_base, seed, steps,
-            guidance, width, height, negative_prompt):
+            guidance, width, height, negative_prompt, fast=False, content_part=DEFAULT_PART, boundary=False):
         workspace = studio.workspace_of(workspace_id)
-        content_choice = choose(studio, workspace_id, content_name, "content", content_scale)
+        content_choice = choose(studio, workspace_id, content_name, "mix", content_scale, content_part, boundary)
         style_choice = choose(studio, workspace_id, style_name, "style", style_scale)
-        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)
         prompt_text = (prompt or "").strip() or None
         if prompt_text is None:
             raise gr.Error("Write a prompt, e.g. 'A [c] in [s] style'.", print_exception=False)
@@ -112,14 +167,15 @@ def build(studio: Studio) -> MixTab:
     @handler
     @gpu
     def scale_grid(workspace_id, content_name, style_name, prompt, content_scales, style_scales, seed, steps,
-                   guidance, width, height, negative_prompt, progress=gr.Progress()):
+                   guidance, width, height, negative_prompt, fast=False, content_part=DEFAULT_PART, boundary=False,
+                   progress=gr.Progress()):
         workspace = studio.workspace_of(workspace_id)
         if not content_name or not style_name:
             raise gr.Error("A grid needs both a content and a style package.", print_exception=False)
-        content_choice = choose(studio, workspace_id, content_name, "content", 1.0)
+        content_choice = choose(studio, workspace_id, content_name, "mix", 1.0, content_part, boundary)
         style_choice = choose(studio, workspace_id, style_name, "style", 1.0)
         rows, cols = parse_scales(content_scales, "content"), parse_scales(style_scales, "style")
-        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)
         prompt = (prompt or "").strip() or "A [c] in [s] style"
         image, _ = studio.generation.grid(
             prompt, content=content_choice, style=style_choice,
@@ -133,8 +189,8 @@ def build(studio: Studio) -> MixTab:
     def show_results(workspace_id):
         return recent_outputs(studio.workspace_of(workspace_id))
 
-    generate.click(mix, [ws, content, content_scale, style, style_scale, prompt, compare] + settings,
+    generate.click(mix, [ws, content, content_scale, style, style_scale, prompt, compare] + settings + parts,
                    [compared, used, results, grid_image], api_name="mix", show_progress_on=[compared], **GENERATE)
-    grid.click(scale_grid, [ws, content, style, prompt, content_scales_box, style_scales_box] + settings,
+    grid.click(scale_grid, [ws, content, style, prompt, content_scales_box, style_scales_box] + settings + parts,
                [grid_image, results], api_name="grid", show_progress_on=[compared], **GENERATE)
     return MixTab(outputs=[results], refresh=show_results)

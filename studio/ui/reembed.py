@@ -12,21 +12,21 @@ from studio.ui.mix import GENERATE, make_settings, settings_controls
 
 
 def content_part(package) -> str:
-    """SplitFlux packages carry a part made for re-embedding; B-LoRA uses its content block."""
-    return "content_reembed" if package.has("content_reembed") else "content"
+    """The part the package records for new prompts (SplitFlux: the content branch; B-LoRA: its content block)."""
+    return package.part_for("reembed")
 
 
 def _column(studio: Studio, slot: str, title: str, templates: tuple[str, ...], example: str, gallery_label: str):
     """One half of the tab: a package, its scale, prompts, a button and the results."""
     placeholder = "[c]" if slot == "content" else "[s]"
     gr.Markdown(f"### {title}\nThe {slot} adapter alone: `{placeholder}` stands for it.")
-    package = studio.package_picker(f"{slot.capitalize()} from", slot, elem_id=f"reembed-{slot}")
+    package = studio.package_picker(f"{slot.capitalize()} from", slot, generates=True, elem_id=f"reembed-{slot}")
     scale = gr.Slider(0, 2, value=1.0, step=0.05, label=f"{slot.capitalize()} scale")
     chosen = gr.CheckboxGroup(list(templates), value=list(templates[:4]), label="Ready prompts")
     free = gr.Textbox(label="Your prompts (one per line)", lines=2, placeholder=example)
     button = gr.Button("Generate", variant="primary", elem_id=f"reembed-{slot}-go")
     gallery = gr.Gallery(label=gallery_label, columns=4, height=300, object_fit="contain", fit_columns=False,
-                         buttons=["download", "fullscreen"], format="png")
+                         buttons=["download", "fullscreen"], format="png", elem_id=f"reembed-{slot}-gallery")
     return package, scale, chosen, free, button, gallery
 
 
@@ -67,15 +67,15 @@ def build(studio: Studio) -> None:
     @handler
     @gpu
     def subject_in_prompts(workspace_id, name, scale, templates, prompts, seed, steps, guidance, width, height,
-                           negative_prompt, progress=gr.Progress()):
-        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+                           negative_prompt, fast=False, progress=gr.Progress()):
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)
         return run(workspace_id, name, content_part, scale, "content", templates, prompts, values, progress)
 
     @handler
     @gpu
     def style_on_prompts(workspace_id, name, scale, templates, prompts, seed, steps, guidance, width, height,
-                         negative_prompt, progress=gr.Progress()):
-        values = make_settings(seed, steps, guidance, width, height, negative_prompt)
+                         negative_prompt, fast=False, progress=gr.Progress()):
+        values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)
         return run(workspace_id, name, lambda _: "style", scale, "style", templates, prompts, values, progress)
 
     reembed.click(subject_in_prompts, [ws, content, content_scale, content_templates, content_free] + settings,

@@ -9,7 +9,7 @@ import zipfile
 import gradio as gr
 
 from studio.hub import push_package
-from studio.ui.common import Studio, handler
+from studio.ui.common import Studio, format_size, handler
 
 
 def build(studio: Studio) -> None:
@@ -30,7 +30,7 @@ def build(studio: Studio) -> None:
             private = gr.Checkbox(value=True, label="Private repository")
             env_token = bool(os.environ.get("HF_TOKEN"))
             token = gr.Textbox(
-                label="Write token", type="password", max_length=512,
+                label="Write token", type="password", max_length=512, elem_id="share-token",
                 placeholder=("HF_TOKEN is set on this server; leave empty to use it" if env_token
                              else "hf_… used for this push only, never stored"),
             )
@@ -41,9 +41,9 @@ def build(studio: Studio) -> None:
     def prepare_zip(workspace_id, name):
         path = studio.library(workspace_id).export_zip(name)
         with zipfile.ZipFile(path) as archive:
-            rows = [f"| `{i.filename}` | {i.file_size / 1e6:.2f} MB |" for i in archive.infolist()]
+            rows = [f"| `{i.filename}` | {format_size(i.file_size)} |" for i in archive.infolist()]
         table = "| file | size |\n| --- | --- |\n" + "\n".join(rows)
-        return (gr.DownloadButton(value=str(path), label=f"Download {path.name} ({path.stat().st_size / 1e6:.1f} MB)",
+        return (gr.DownloadButton(value=str(path), label=f"Download {path.name} ({format_size(path.stat().st_size)})",
                                   visible=True), table)
 
     @handler
@@ -59,7 +59,9 @@ def build(studio: Studio) -> None:
                    api_visibility="private", **cheap)
     prepare.click(prepare_zip, [ws, package], [download, contents], api_name="export", concurrency_limit=2,
                   concurrency_id="export", show_progress_on=[contents])
-    # The token box is emptied after every push, successful or not, so it never lingers in the page.
-    push.click(push_to_hub, [ws, package, repo, private, token], [pushed], api_name="push",
-               concurrency_limit=2, concurrency_id="push").then(
-        lambda: "", None, [token], api_visibility="private", **cheap)
+    # The token box is emptied after every push, successful or not, so it never lingers in the page
+    # (`.then` does not run after a failed event, so both outcomes are listened to).
+    pushing = push.click(push_to_hub, [ws, package, repo, private, token], [pushed], api_name="push",
+                         concurrency_limit=2, concurrency_id="push")
+    for outcome in (pushing.success, pushing.failure):
+        outcome(lambda: "", None, [token], api_visibility="private", **cheap)

@@ -19,9 +19,11 @@ from PIL import Image
 from pipelines.errors import BlockStudioError
 from pipelines.images import center_crop_square, load_image
 from pipelines.models import REGISTRY
+from pipelines.package import AdapterPackage
+from pipelines.storage import is_package
 from studio.jobs import JobRecord
 from studio.methods import METHODS, models_for, training_defaults
-from studio.ui.common import Studio, format_seconds, handler, upload_path
+from studio.ui.common import Studio, banner, format_seconds, handler, upload_path
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -41,8 +43,13 @@ class TrainTab:
 
 def model_choices(studio: Studio, arch: str) -> list[tuple[str, str]]:
     """Registry models of `arch`; without a GPU only the tiny ones (a real model would take hours on a CPU)."""
-    specs = [s for s in models_for(arch) if studio.gpu or s.tiny]
-    return [(f"{s.name} — {s.description}", s.name) for s in specs]
+    return [(s.name, s.name) for s in models_for(arch) if studio.offers(s.name)]
+
+
+def model_info(name: str | None) -> str:
+    """The line under the base-model box: what the chosen model is (the box itself keeps to its name)."""
+    spec = REGISTRY.get(name or "")
+    return spec.description if spec else ""
 
 
 def _job_label(record: JobRecord) -> str:
@@ -54,6 +61,11 @@ def job_choices(studio: Studio, owner: str) -> list[tuple[str, str]]:
     return [(_job_label(r), r.id) for r in studio.jobs.jobs(owner)]
 
 
+def finishing(record: JobRecord) -> bool:
+    """Every step is done but the job still runs: it is saving the package and rendering its samples."""
+    return record.status == "running" and record.total > 0 and record.step >= record.total
+
+
 def render_status(record: JobRecord | None, ahead: int | None) -> str:
     if record is None:
         return ("<div class='bs-job bs-empty'>No training yet. Upload an image, check the crop, and press "
@@ -62,21 +74,26 @@ def render_status(record: JobRecord | None, ahead: int | None) -> str:
     total = max(record.total, 1)
     percent = min(100.0, 100.0 * record.step / total)
     loss = f"{record.losses[-1]:.4f}" if record.losses else "–"
-    speed = f"{record.it_s:.2f} it/s" if record.it_s else "– it/s"
+    # A queued job (a resumed one included) has no speed yet; what the record holds is its last run's.
+    speed = f"{record.it_s:.2f} it/s" if record.it_s and record.status != "queued" else "– it/s"
+    wrapping_up = finishing(record)
+    label = "Finishing" if wrapping_up else STATUS_LABELS.get(record.status, record.status)
+    eta = format_seconds(record.eta_s) if record.status == "running" and not wrapping_up else "–"
     lines = [
         f"<div class='bs-job bs-{record.status}'>",
-        f"<div class='bs-job-head'><span class='bs-badge'>{STATUS_LABELS.get(record.status, record.status)}</span>"
+        f"<div class='bs-job-head'><span class='bs-badge'>{label}</span>"
         f"<b>{html.escape(record.name)}</b><span class='bs-dim'>{html.escape(METHODS[record.method].label)} · "
         f"{html.escape(record.model)}</span></div>",
         f"<div class='bs-bar' role='progressbar' aria-valuenow='{percent:.0f}' aria-valuemin='0' "
         f"aria-valuemax='100'><div style='width:{percent:.1f}%'></div></div>",
         f"<div class='bs-stats'><span>Step <b>{record.step}</b> / {record.total}</span><span>{speed}</span>"
-        f"<span>ETA {format_seconds(record.eta_s) if record.status == 'running' else '–'}</span>"
-        f"<span>loss {loss}</span></div>",
+        f"<span>ETA {eta}</span><span>loss {loss}</span></div>",
     ]
     note = None
     if record.status == "queued":
         note = "Next in line." if not ahead else f"Waiting: {ahead} job{'s' if ahead > 1 else ''} ahead of yours."
+    elif wrapping_up:
+        note = f"All {record.total} steps done: saving the package and rendering its samples…"
     elif record.status == "cancelling":
         note = "Stopping after the current step and saving a checkpoint…"
     elif record.status == "done":
@@ -84,7 +101,7 @@ def render_status(record: JobRecord | None, ahead: int | None) -> str:
                 "it from the other tabs.")
     elif record.resumable:
         where = (f"from its checkpoint at step {record.checkpoint_step}" if record.checkpoint_step
-                 else "from the start (no checkpoint was saved yet)")
+                 else "from the start" if record.restart else "from the start (no checkpoint was saved yet)")
         reason = f"{html.escape(record.error)}. " if record.error else ""
         note = f"{reason}Resume continues {where}."
     if record.resumed_from:
@@ -95,8 +112,12 @@ def render_status(record: JobRecord | None, ahead: int | None) -> str:
     return "".join(lines)
 
 
-def _loss_frame(record: JobRecord | None) -> pd.DataFrame:
+def _loss_frame(record: JobRecord | None) -> pd.DataFrame | None:
+    """The loss curve; None (an empty plot) before the first step, as an empty table makes the chart library
+    warn about infinite axis extents on every redraw."""
     losses = record.losses if record else []
+    if not losses:
+        return None
     return pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses})
 
 
@@ -104,12 +125,12 @@ def _samples(studio: Studio, record: JobRecord | None) -> list[tuple[str, str]]:
     if record is None:
         return []
     items = []
-    if record.status == "done":
-        folder = studio.workspace_of(record.owner).packages / record.name / "samples"
+    package = studio.workspace_of(record.owner).packages / record.name
+    if record.status == "done" and is_package(package):
         for stem, caption in (("full", "content + style"), ("content", "content"), ("style", "style"),
                               ("input", "trained crop")):
-            if (folder / f"{stem}.png").is_file():
-                items.append((str(folder / f"{stem}.png"), caption))
+            if path := AdapterPackage(package, {}).sample(stem):
+                items.append((str(path), caption))
     for name in reversed(record.samples):
         path = studio.jobs.job_file(record, f"samples/{name}")
         if path.is_file():
@@ -117,7 +138,8 @@ def _samples(studio: Studio, record: JobRecord | None) -> list[tuple[str, str]]:
     return items
 
 
-def status_values(studio: Studio, record: JobRecord | None, send_samples: bool = True) -> tuple:
+def status_values(studio: Studio, record: JobRecord | None, send_samples: bool = True,
+                  send_losses: bool = True) -> tuple:
     """Everything the progress area shows, in the order of `TrainTab.status_outputs`."""
     ahead = studio.jobs.position(record.id) if record else None
     active = bool(record and record.active)
@@ -126,12 +148,12 @@ def status_values(studio: Studio, record: JobRecord | None, send_samples: bool =
                     else "Start again")
     return (
         render_status(record, ahead),
-        _loss_frame(record),
+        _loss_frame(record) if send_losses else gr.skip(),
         _samples(studio, record) if send_samples else gr.skip(),
         gr.Button(visible=active, interactive=bool(record and record.status in ("queued", "running"))),
         gr.Button(visible=resumable, value=resume_label),
         gr.Button(visible=resumable),
-        record.to_dict() if record else {},
+        record.public_dict() if record else {},
         gr.Timer(active=active),
     )
 
@@ -154,7 +176,8 @@ def build(studio: Studio) -> TrainTab:
         with gr.Column(scale=4):
             method = gr.Radio(methods, value=first.key, label="Method", info=first.blurb + (
                 f" {', '.join(missing)}: not installed in this build." if missing else ""))
-            model = gr.Dropdown(model_choices(studio, first.arch), value=first_model.name, label="Base model")
+            model = gr.Dropdown(model_choices(studio, first.arch), value=first_model.name, label="Base model",
+                                info=model_info(first_model.name), elem_id="train-model")
             crop = gr.Image(label="What will be trained (centre crop)", interactive=False, height=200,
                             elem_id="train-crop", buttons=[])
             name = gr.Textbox(label="Package name", placeholder="from the image's file name",
@@ -169,7 +192,8 @@ def build(studio: Studio) -> TrainTab:
                 with gr.Row():
                     sample_every = gr.Number(value=defaults["sample_every"], label="Preview every N steps",
                                              info="0 = no previews while training", precision=0, minimum=0)
-                    token = gr.Textbox(label="Trigger token", placeholder="automatic, e.g. [v42]", max_length=32)
+                    token = gr.Textbox(label="Trigger token", placeholder=first.token_hint, max_length=32,
+                                       elem_id="train-token")
             start = gr.Button("Start training", variant="primary", size="lg", elem_id="train-start")
 
     gr.Markdown("### Progress")
@@ -196,9 +220,13 @@ def build(studio: Studio) -> TrainTab:
         chosen = METHODS[key]
         spec = REGISTRY[studio.default_models[chosen.arch]]
         values = training_defaults(chosen, spec)
-        return (gr.Dropdown(choices=model_choices(studio, chosen.arch), value=spec.name),
-                gr.Radio(info=chosen.blurb), values["steps"], values["rank"], values["learning_rate"],
-                values["sample_every"])
+        updates = (gr.Dropdown(choices=model_choices(studio, chosen.arch), value=spec.name, info=model_info(spec.name)),
+                   gr.Radio(info=chosen.blurb), values["steps"], values["rank"], values["learning_rate"],
+                   values["sample_every"], gr.Textbox(placeholder=chosen.token_hint))
+        if studio.banner is None:
+            return updates
+        notice = banner(studio.gpu, spec.name)
+        return updates + (gr.Markdown(notice[1]) if notice else gr.skip(),)
 
     @handler
     def crop_preview(upload, model_name: str | None):
@@ -237,13 +265,16 @@ def build(studio: Studio) -> TrainTab:
 
     @handler
     def poll_job(workspace_id, job_id, shown):
-        """The timer's view: like show_job, but previews are sent only when there are new ones."""
+        """The timer's view: like show_job, but previews and the loss curve are sent only when they changed."""
         if not job_id:
             return status_values(studio, None) + (None,)
         record = studio.jobs.get(studio.workspace_of(workspace_id).id, job_id)
-        # Previews are whole images; sending them again every second would cost each page bandwidth.
-        key = [record.id, record.status, len(record.samples)]
-        return status_values(studio, record, send_samples=key != shown) + (key,)
+        # Previews are whole images and the curve is redrawn on every update; sending them again every
+        # second would cost each page bandwidth and redraws.
+        key = [record.id, record.status, len(record.samples), len(record.losses)]
+        before = shown if isinstance(shown, list) and len(shown) == len(key) else [None] * len(key)
+        return status_values(studio, record, send_samples=key[:3] != before[:3],
+                             send_losses=[key[0], key[3]] != [before[0], before[3]]) + (key,)
 
     @handler
     def cancel_job(workspace_id, job_id):
@@ -260,7 +291,13 @@ def build(studio: Studio) -> TrainTab:
         owner = studio.workspace_of(workspace_id).id
         studio.jobs.discard(owner, job_id or "")
         gr.Info("Discarded the job and its checkpoints.")
-        return (gr.Dropdown(choices=job_choices(studio, owner), value=None),) + status_values(studio, None)
+        return current_job(owner)
+
+    def current_job(owner: str) -> tuple:
+        """The job list with the job this workspace most wants to see (the running one, else the newest)."""
+        record = studio.jobs.latest(owner)
+        return (gr.Dropdown(choices=job_choices(studio, owner), value=record.id if record else None),
+                ) + status_values(studio, record)
 
     @handler
     def load_job(workspace_id):
@@ -269,13 +306,14 @@ def build(studio: Studio) -> TrainTab:
             owner = studio.workspace_of(workspace_id).id
         except BlockStudioError:
             return (gr.Dropdown(choices=[], value=None),) + status_values(studio, None)
-        record = studio.jobs.latest(owner)
-        return (gr.Dropdown(choices=job_choices(studio, owner), value=record.id if record else None),
-                ) + status_values(studio, record)
+        return current_job(owner)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    method.input(change_method, [method], [model, method, steps, rank, learning_rate, sample_every],
-                  api_visibility="private", **cheap)
+    method_outputs = [model, method, steps, rank, learning_rate, sample_every, token]
+    if studio.banner is not None:
+        method_outputs.append(studio.banner)  # it names the tiny model the chosen method trains on
+    method.input(change_method, [method], method_outputs, api_visibility="private", **cheap)
+    model.input(lambda name: gr.Dropdown(info=model_info(name)), [model], [model], api_visibility="private", **cheap)
     # preprocess=False: the handlers check uploads themselves (see upload_path).
     gr.on([image.change, model.change], crop_preview, [image, model], [crop], api_name="crop_preview",
           preprocess=False, **cheap)
