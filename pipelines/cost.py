@@ -314,13 +314,14 @@ def architecture_folder(model: str):
 def _meta_model(model: str, component: str, config) -> torch.nn.Module:
     """`model`'s component on the meta device in bf16, from a live model's `config` when one is given."""
     from pipelines.fullsize import build_component, component_class
+    from pipelines.models import building_modules
 
     if config is None:
         built = build_component(architecture_folder(model), component)
     else:
         folder = architecture_folder("sdxl-random" if component == "unet" else "flux-random")
         _, cls = component_class(folder, component)
-        with torch.device("meta"):
+        with building_modules(), torch.device("meta"):
             built = cls.from_config(config)
     return built.to(torch.bfloat16)
 

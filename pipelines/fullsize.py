@@ -65,8 +65,10 @@ def component_class(folder: Path, component: str) -> tuple[str, type]:
 
 def build_component(folder: Path, component: str, device: str | torch.device = "meta") -> torch.nn.Module:
     """One model component from `folder/<component>/config.json`, created on `device` (default: meta)."""
+    from pipelines.models import building_modules
+
     library, cls = component_class(folder, component)
-    with torch.device(device):
+    with building_modules(), torch.device(device):
         if library == "diffusers":
             return cls.from_config(cls.load_config(folder / component))
         config = cls.config_class.from_pretrained(folder / component)

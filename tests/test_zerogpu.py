@@ -71,7 +71,7 @@ def test_jobs_train_in_chunks_taking_turns_with_other_users(tmp_path):
 
     manager = JobManager(tmp_path / "home", runner=ChunkedRunner(chunk_steps=2, duration_s=60, runner=recording),
                          start=False)
-    owners = [new_workspace_id(), new_workspace_id()]
+    owners = [new_workspace_id(manager.home), new_workspace_id(manager.home)]
     jobs = [manager.submit(owner, image=EXAMPLES / "cat.jpg", method="b-lora", model="tiny-sdxl", name=name,
                            steps=4, rank=4, learning_rate=1e-3, sample_steps=1)
             for owner, name in zip(owners, ("first", "second"), strict=True)]
