@@ -189,6 +189,7 @@ def test_cli_sets_every_lever(tmp_path):
     ("mixed_precision", "fp8", "mixed precision must be"),
 ])
 def test_bad_lever_values_are_refused_before_a_model_loads(field, value, message, tmp_path, monkeypatch):
+    import pipelines.generation  # noqa: F401 - imported first, so that it keeps the real load_pipeline
     from pipelines import models
     from pipelines.blora import TrainRequest, train_blora
 
