@@ -233,6 +233,9 @@ class Recipe(Protocol):
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
+    # Optional: `make_optimizer(params, config, device)` for a recipe whose adapter needs its own optimiser
+    # (SoRA's proximal gate step); without it the loop uses `make_optimizer` below.
+
 
 def resolve_mixed_precision(requested: str | None, device: torch.device) -> str:
     if requested is not None:
@@ -653,7 +656,8 @@ def _train_steps(recipe: Recipe, config: TrainConfig, work_dir: Path, module: to
                  resume: bool, on_progress, on_checkpoint, on_sample, cancel: CancelToken | None,
                  max_steps_this_call: int | None) -> TrainResult:
     params = recipe.trainable_parameters()
-    optimizer = make_optimizer(params, config, accelerator.device)
+    build_optimizer = getattr(recipe, "make_optimizer", make_optimizer)
+    optimizer = build_optimizer(params, config, accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
 
     generator = torch.Generator("cpu").manual_seed(config.seed)

@@ -311,7 +311,7 @@ class JobManager:
 
     def submit(self, owner: str, *, image: str | Path, method: str, model: str, name: str | None = None,
                steps: int, rank: int, learning_rate: float, seed: int = 0, sample_every: int = 0,
-               token: str | None = None, sample_steps: int | None = None) -> JobRecord:
+               token: str | None = None, sample_steps: int | None = None, adapter: str = "lora") -> JobRecord:
         """Check everything, copy the image into the job, and queue it. Errors name the field to fix.
 
         The package name is claimed here and stays the job's until it is done or discarded.
@@ -330,6 +330,8 @@ class JobManager:
         if sample_steps is not None:
             sample_steps = checks.whole_number(sample_steps, "preview steps", 1, 1000)
         token = check_token(token.strip()) if token and token.strip() else None
+        if adapter not in chosen.adapters:
+            raise JobError(f"{chosen.label} trains with {' or '.join(chosen.adapters)} adapters, not {adapter!r}")
         extras = chosen.extra_values(rank)
         # The job trains from its own copy (the upload cache may be emptied before a resume); encoding it
         # here keeps the lock, which every page's poll takes, free of image work.
@@ -350,7 +352,7 @@ class JobManager:
                 created=time.time(),
                 settings={"steps": steps, "rank": rank, "learning_rate": learning_rate, "seed": seed,
                           "sample_every": sample_every, "token": token, "sample_steps": sample_steps,
-                          "extras": extras},
+                          "extras": extras, "adapter": adapter},
             )
             try:
                 with atomic_file(self._job_dir(record) / "source.png") as tmp:
@@ -559,7 +561,7 @@ class JobManager:
             token=settings.get("token"), sample_every=settings.get("sample_every") or 0,
             sample_steps=settings.get("sample_steps"), checkpoint_every=max(1, min(250, steps // 10)),
             samples=True, resume=record.runs > 1 and not record.restart, restart=record.restart,
-            **settings.get("extras", {}),
+            adapter=settings.get("adapter", "lora"), **settings.get("extras", {}),
         )
         first_event = [True]
 

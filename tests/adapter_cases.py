@@ -57,4 +57,10 @@ CASES: dict[str, Case] = {
     "lora": Case({"rank": 4, "scale": 0.5}),
     "rank-constrained": Case({"rank": 4, "alpha": 2}),
     "visual-gated": Case({"content_rank": 3, "residual_rank": 2}),
+    "dylora": Case({"rank": 4, "min_rank": 1, "alpha": 8.0}),
+    "sora": Case({"rank": 4, "alpha": 8.0}),
+    "dv-lora": Case({"rank": 4}),
+    # 16 and 32 input features cut into 3 chunks: the last chunk is zero-padded.
+    "block-lora": Case({"rank": 3, "num_blocks": 3}),
+    "miss": Case({"rank": 4}),
 }

@@ -15,6 +15,7 @@ from pipelines.adapters import (
     adapter_state_dict,
     add_adapter,
     disabled,
+    layers_of,
     load_adapter,
     load_adapter_state_dict,
     merge,
@@ -304,3 +305,15 @@ def test_a_module_shared_by_two_places_gets_an_adapter_per_place():
     remove_adapter(model)
     assert model[0] is shared and model[2] is shared
     assert torch.equal(model(x), base)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_a_new_adapter_follows_the_mode_of_the_model_it_joins(method):
+    case, info, model, config = _setup(method)
+    model.eval()
+    add_adapter(model, config, name="e")
+    assert not any(m.training for m in model.modules())
+    fresh = case.model()
+    fresh.train()
+    add_adapter(fresh, config, name="t")
+    assert all(stack[0].training for stack in layers_of(fresh, "t").values())

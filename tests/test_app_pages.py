@@ -61,7 +61,7 @@ def test_a_job_past_its_last_step_shows_that_it_is_saving(request):
     from studio.ui.train import render_status
 
     jobs, runner = request.getfixturevalue("manager")
-    owner = new_workspace_id()
+    owner = new_workspace_id(jobs.home)
     record = jobs.submit(owner, image=EXAMPLES / "cat.jpg", name="cat", **dict(SETTINGS, steps=1))
     _wait_for(lambda: jobs.get(owner, record.id).step == 1)  # the runner reported step 1 of 1 and still runs
     running = jobs.get(owner, record.id)
@@ -140,7 +140,7 @@ def test_readme_states_the_job_limit_the_queue_enforces(request):
     jobs, runner = request.getfixturevalue("manager")
     limit = {"two": 2, "three": 3, "four": 4, "five": 5}[stated[1]]
     assert jobs.max_active_per_owner == limit
-    owner = new_workspace_id()
+    owner = new_workspace_id(jobs.home)
     for n in range(limit):
         jobs.submit(owner, image=EXAMPLES / "cat.jpg", name=f"cat{n}", **SETTINGS)
     _wait_for(lambda: runner.started == ["cat0"])  # one running, the others waiting
@@ -167,7 +167,7 @@ def test_mix_offers_only_packages_that_fit_the_chosen_content(studio_server):
     from studio.ui.common import picker_updates
 
     studio = studio_server.studio
-    workspace = new_workspace_id()
+    workspace = new_workspace_id(studio.home)
     packages = studio.workspace_of(workspace).packages
     _fake_package(packages / "cat", "tiny-sdxl", "sdxl", "2025-01-01T10:00:00")
     _fake_package(packages / "coffee", "tiny-sdxl", "sdxl", "2025-01-01T11:00:00")
@@ -266,7 +266,7 @@ def test_results_made_within_one_second_list_newest_first(tmp_path):
     from studio.mixing import recent_outputs, save_output
     from studio.workspace import Workspace
 
-    workspace = Workspace(new_workspace_id(), tmp_path)
+    workspace = Workspace(new_workspace_id(tmp_path), tmp_path)
     for n in range(6):
         save_output(workspace, Image.new("RGB", (8, 8)), {"prompt": f"p{n}", "seed": n})
     assert [caption for _, caption in recent_outputs(workspace)] == [f"p{n} · seed {n}" for n in reversed(range(6))]

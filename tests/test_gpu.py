@@ -30,7 +30,7 @@ def _image():
 
 def run(kind: str, tmp_path, steps: int = 3, settings: dict | None = None, **levers):
     """Train a tiny recipe on the GPU; return (losses, recipe, the optimizer it used)."""
-    from pipelines import training
+    from pipelines import blora, training
     from tests.test_levers import RECIPES
 
     recipe, default_config = RECIPES[kind](**(settings or {}))
@@ -42,11 +42,12 @@ def run(kind: str, tmp_path, steps: int = 3, settings: dict | None = None, **lev
         made.append(original(*args, **kwargs))
         return made[-1]
 
-    training.make_optimizer = spy
+    # The loop's optimizer, whether the loop builds it or the recipe does through the loop's function.
+    training.make_optimizer = blora.make_optimizer = spy
     try:
         result = training.train(recipe, config, tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}")
     finally:
-        training.make_optimizer = original
+        training.make_optimizer = blora.make_optimizer = original
     return result.loss_history, recipe, made[0]
 
 

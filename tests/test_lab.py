@@ -54,12 +54,19 @@ def build(studio):
 
 
 def test_each_experiment_gets_a_generic_tab_unless_a_bespoke_panel_replaces_it(tmp_path, monkeypatch):
-    assert [(t.title, t.experiment is not None) for t in lab.lab_tabs()] == [("Overview", False), ("LoRA", True)]
+    from pipelines.adapters import METHODS
+    from pipelines.lab import EXPERIMENTS
+
+    generic = sorted((METHODS[m].title for m in EXPERIMENTS), key=str.lower)
+    assert "LoRA" in generic
+    assert [(t.title, t.experiment is not None) for t in lab.lab_tabs()] == [
+        ("Overview", False), *[(title, True) for title in generic]]
     (tmp_path / "lora_by_hand.py").write_text(BESPOKE)
     monkeypatch.setattr(lab, "__path__", [*lab.__path__, str(tmp_path)])
     monkeypatch.delitem(sys.modules, "studio.ui.lab.lora_by_hand", raising=False)
-    assert [(t.title, t.experiment is not None) for t in lab.lab_tabs()] == [("Overview", False),
-                                                                            ("LoRA, by hand", False)]
+    others = [(title, True) for title in generic if title != "LoRA"]
+    assert [(t.title, t.experiment is not None) for t in lab.lab_tabs()] == [
+        ("Overview", False), *others, ("LoRA, by hand", False)]  # generic tabs first, then bespoke panels
 
 
 def test_the_generic_form_picks_a_control_per_setting_type():

@@ -8,11 +8,15 @@ Verbs: `add_adapter`, `set_active`, `disabled`, `merge` / `unmerge`, `adapter_st
 to its config class, title, paper and the property its lab demo shows. Each method lives in one module of
 this package (config, layer, and the method's own losses or steps beside them) and registers itself there.
 
+DyLoRA (`sample_rank`, `set_rank`, `export_rank`, `truncate`) and SoRA (`sparsity_loss`, `gate_optimizer`,
+`live_ranks`, `export_pruned`, `prune`) bring their own training steps and ways out as plain LoRA adapters.
+
 The studio's own training layers are here too: LoRA, the rank-constrained and the visual-gated layers of
 SplitFlux. Their layers offer `export_lora` (standard LoRA factors with every scale folded into `lora_B`).
 """
 
 from pipelines.adapters.base import AdapterLayer, adapter_layers, inject_adapters, remove_adapters
+from pipelines.adapters.block_lora import BlockLoRAConfig, BlockLoRALinear, block_lora_parameter_count
 from pipelines.adapters.core import (
     METHODS,
     AdapterConfig,
@@ -32,13 +36,32 @@ from pipelines.adapters.core import (
     read_adapter_config,
     register_method,
     remove_adapter,
+    replace_adapter,
     save_adapter,
     set_active,
     trainable_parameters,
     unmerge,
 )
+from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
+from pipelines.adapters.dylora import DyLoRAConfig, DyLoRALinear, export_rank, sample_rank, set_rank, truncate
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
+from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
+from pipelines.adapters.sora import (
+    SoRAConfig,
+    SoRALinear,
+    SparseAdamW,
+    export_pruned,
+    factor_parameters,
+    gate_optimizer,
+    gate_parameters,
+    live_ranks,
+    proximal_step_,
+    prune,
+    sora_optimizer,
+    sparsifying_schedule,
+    sparsity_loss,
+)
 from pipelines.adapters.visual_gated import (
     VisualGatedConfig,
     VisualGatedLoRALinear,
@@ -47,15 +70,26 @@ from pipelines.adapters.visual_gated import (
 )
 
 __all__ = [
-    "METHODS",
     "AdapterConfig",
     "AdapterError",
     "AdapterLayer",
+    "BlockLoRAConfig",
+    "BlockLoRALinear",
+    "DVLoRAConfig",
+    "DVLoRALinear",
+    "DyLoRAConfig",
+    "DyLoRALinear",
     "LoRAConfig",
     "LoRALinear",
+    "METHODS",
     "MethodInfo",
+    "MissConfig",
+    "MissLinear",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
+    "SoRAConfig",
+    "SoRALinear",
+    "SparseAdamW",
     "VisualGatedConfig",
     "VisualGatedLoRALinear",
     "active_adapters",
@@ -64,21 +98,41 @@ __all__ = [
     "adapter_names",
     "adapter_state_dict",
     "add_adapter",
+    "block_lora_parameter_count",
     "complementary_loss",
     "count_parameters",
     "disabled",
+    "export_pruned",
+    "export_rank",
+    "factor_parameters",
+    "gate_optimizer",
+    "gate_parameters",
+    "get_phase",
     "inject_adapters",
     "layers_of",
+    "live_ranks",
     "load_adapter",
     "load_adapter_state_dict",
     "merge",
+    "miss_parameter_count",
+    "phase_at_step",
+    "proximal_step_",
+    "prune",
     "read_adapter_config",
     "register_method",
     "remove_adapter",
     "remove_adapters",
+    "replace_adapter",
+    "sample_rank",
     "save_adapter",
     "set_active",
+    "set_phase",
+    "set_rank",
+    "sora_optimizer",
+    "sparsifying_schedule",
+    "sparsity_loss",
     "trainable_parameters",
+    "truncate",
     "unmerge",
     "visual_gate",
 ]
