@@ -2,7 +2,7 @@
 
 Tolerances, relative, on the losses of a 2-step run (the second after one optimizer step) against the CPU
 defaults (every lever off, fp32, SDPA): exact for gradient checkpointing (it recomputes the same operations)
-and TF32 (no CPU kernel uses it); 1e-4 for another attention kernel and for channels-last (other convolution
+and TF32 (no CPU kernel uses it); 1e-4 for the math attention kernel (SDPA's default on a CPU is its flash kernel) and for channels-last (other convolution
 kernels); 1e-5 for fused AdamW and compiled blocks (the same arithmetic, reordered); 5e-2 for bf16 mixed
 precision and 2e-1 for an fp8 base, which change the numbers on purpose. 8-bit AdamW, the NF4 base, xformers
 and inductor compilation need CUDA: `tests/test_gpu.py`.
@@ -62,7 +62,6 @@ CASES = [
     ("gradient_checkpointing", True, 0.0),
     ("tf32", True, 0.0),
     ("attention", "math", 1e-4),
-    ("attention", "flash", 1e-4),
     ("fused_adam", True, 1e-5),
     ("channels_last", True, 1e-4),
     ("mixed_precision", "bf16", 5e-2),
