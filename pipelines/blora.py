@@ -26,7 +26,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.images import to_pixels
-from pipelines.training import CachedLatents, RunRequest, TrainConfig, make_optimizer, weight_dtype_for
+from pipelines.training import (
+    CachedLatents,
+    RunRequest,
+    TrainConfig,
+    gradient_checkpointing_for,
+    loop_options,
+    make_optimizer,
+    resolve_levers,
+    weight_dtype_for,
+)
 
 CONTENT_BLOCK = "up_blocks.0.attentions.0"
 STYLE_BLOCK = "up_blocks.0.attentions.1"
@@ -84,6 +93,45 @@ def target_modules(unet: torch.nn.Module, blocks: dict[str, str] | None = None,
     return names
 
 
+def add_blora_adapter(unet: torch.nn.Module, settings: BLoRASettings, seed: int) -> list[str]:
+    """Put the B-LoRA adapter on `unet` (any device, meta included); return the adapted module names.
+
+    Gaussian init and lora_alpha == r: down ~ N(0, 1/r), up = 0, scale 1, as the official code. The init draws
+    from `seed` on the CPU, so a run is reproducible from its seed alone.
+    """
+    from peft import LoraConfig
+
+    from pipelines.models import building_modules
+
+    names = target_modules(unet, settings.blocks, settings.projections)
+    with torch.random.fork_rng(devices=[]), building_modules():
+        torch.manual_seed(seed)
+        unet.add_adapter(
+            LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian", target_modules=names),
+            adapter_name=ADAPTER_NAME,
+        )
+    return names
+
+
+# The modules diffusers checkpoints one by one inside the up-blocks: each resnet, each transformer layer.
+_UP_BLOCK_UNITS = re.compile(r"\d+\.(resnets\.\d+|attentions\.\d+\.transformer_blocks\.\d+)")
+
+
+def checkpointing_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules gradient checkpointing recomputes: those of the up-blocks, where B-LoRA's backward pass runs
+    (from `up_blocks.0` to the output; the down-blocks and the mid-block get no gradient)."""
+    return [m for name, m in unet.up_blocks.named_modules() if _UP_BLOCK_UNITS.fullmatch(name)]
+
+
+def enable_backward_checkpointing(unet: torch.nn.Module) -> None:
+    """Gradient checkpointing on the up-blocks only: the blocks before them keep no activations anyway, since
+    nothing there needs a gradient, so checkpointing them would only add work."""
+    unet.enable_gradient_checkpointing()
+    for name, module in unet.named_modules():
+        if hasattr(module, "gradient_checkpointing") and not name.startswith("up_blocks."):
+            module.gradient_checkpointing = False
+
+
 def rank_adapter_config(adapter: str, rank: int, module_names: list[str]):
     """The DyLoRA (ranks 1..rank) or SoRA (r_max = rank) config for B-LoRA's modules, at scale 1 at full rank."""
     from pipelines.adapters import DyLoRAConfig, SoRAConfig
@@ -126,7 +174,6 @@ class BLoRARecipe:
     def setup(self, accelerator, config: TrainConfig) -> None:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         device = accelerator.device
         weight_dtype = weight_dtype_for(accelerator.mixed_precision)
@@ -159,26 +206,25 @@ class BLoRARecipe:
         if self.settings.adapter != "lora":
             self._add_rank_adapter(config.seed)
         elif ADAPTER_NAME not in getattr(unet, "peft_config", {}):
-            self.module_names = target_modules(unet, self.settings.blocks, self.settings.projections)
-            # Gaussian init and lora_alpha == r: down ~ N(0, 1/r), up = 0, scale 1, as the official code.
-            # The init draws from the seed, so a run is reproducible from its seed alone.
-            from pipelines.models import building_modules
-
-            with torch.random.fork_rng(devices=[]), building_modules():
-                torch.manual_seed(config.seed)
-                unet.add_adapter(
-                    LoraConfig(r=self.settings.rank, lora_alpha=self.settings.rank, init_lora_weights="gaussian",
-                               target_modules=self.module_names),
-                    adapter_name=ADAPTER_NAME,
-                )
+            self.module_names = add_blora_adapter(unet, self.settings, config.seed)
         if self.settings.adapter == "lora":
             unet.set_adapter(ADAPTER_NAME)
         cast_training_params(unet, torch.float32)
-        gradient_checkpointing = config.gradient_checkpointing
-        if gradient_checkpointing is None:
-            gradient_checkpointing = device.type == "cuda"
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        levers = resolve_levers(config, device)
+        if levers["channels_last"]:
+            unet.to(memory_format=torch.channels_last)
+        self.checkpointing = gradient_checkpointing_for(
+            config.gradient_checkpointing, device, lambda: self.step_cost(levers).memory_bytes(False))
+        if self.checkpointing:
+            enable_backward_checkpointing(unet)
+
+    def step_cost(self, levers: dict):
+        """The cost model's view of one step of this run (`pipelines/cost.py`)."""
+        from pipelines.cost import blora_step_cost
+
+        return blora_step_cost(resolution=self.settings.resolution, rank=self.settings.rank,
+                               optimizer="adamw8bit" if levers["use_8bit_adam"] else "adamw",
+                               unet_config=self.unet.config)
 
     def _add_rank_adapter(self, seed: int) -> None:
         from pipelines.adapters import adapter_names, add_adapter, remove_adapter
@@ -346,9 +392,7 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
 
     config = default_train_config(
         steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
-        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every,
-        mixed_precision=request.mixed_precision, gradient_checkpointing=request.gradient_checkpointing,
-        use_8bit_adam=request.use_8bit_adam,
+        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every, **loop_options(request),
     )
     if pipe is None:
         pipe = load_pipeline(request.model)
@@ -363,7 +407,8 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
     with discard_if_unused(work):
         try:
             result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
-                           on_sample=preview if on_sample else None, cancel=cancel)
+                           on_sample=preview if on_sample else None, cancel=cancel,
+                           max_steps_this_call=request.max_steps_this_call)
         except BaseException:
             if request.adapter != "lora":  # the next run on this pipeline needs the bare UNet
                 recipe.remove_adapter()

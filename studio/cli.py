@@ -84,6 +84,8 @@ def _run_request_fields(args: argparse.Namespace) -> dict:
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, samples=not args.no_samples,
         sample_steps=args.sample_steps, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+        attention=args.attention, compile_blocks=args.compile_blocks, fused_adam=args.fused_adam, tf32=args.tf32,
+        channels_last=args.channels_last,
         resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints, force=args.force,
     )
 
@@ -325,6 +327,19 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
     p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None,
                    help="8-bit optimizer state (B-LoRA: on by default on a GPU with bitsandbytes, as the official "
                         "command; SplitFlux: off unless given, the paper's Adam keeps 32-bit state)")
+    # Speed levers; left out, each is decided from the hardware (pipelines/training.py, LEVERS).
+    from pipelines.training import ATTENTION_CHOICES
+
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
+                   help="attention kernel (default sdpa: PyTorch picks flash where it can)")
+    p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the repeated transformer blocks (default: on a CUDA GPU)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdamW's fused kernel (default: on a CUDA GPU)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorFloat-32 matrix products (default: on a CUDA GPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format for the UNet (default: on a CUDA GPU)")
     _add_force_option(p, "an existing package (or a folder of other files) at --out")
 
 

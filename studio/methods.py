@@ -102,12 +102,13 @@ def method_for(key: str) -> Method:
 
 
 def models_for(arch: str) -> list[ModelSpec]:
-    return [spec for spec in REGISTRY.values() if spec.arch == arch]
+    """The registry models of `arch` the studio offers (full-size random-weight models are for benchmarks)."""
+    return [spec for spec in REGISTRY.values() if spec.arch == arch and not spec.random_weights]
 
 
 def check_model(name: str, arch: str) -> ModelSpec:
     """Only registry models from the web: a path or arbitrary Hub id would let a visitor load anything."""
-    if not isinstance(name, str) or name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY or REGISTRY[name].random_weights:
         raise ValueError(f"unknown base model {name!r}; choose one of the list")
     spec = resolve_model(name)
     if spec.arch != arch:
