@@ -358,6 +358,9 @@ class RayWorker:
         if self._owns_connection:
             try:
                 ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+            except ImportError as exc:  # Ray Client's own packages
+                raise BlockStudioError(f"{address} is a Ray Client address, which needs ray[client] ({exc}): pip "
+                                       "install 'blockstudio[ray]'") from None
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise BlockStudioError(f"could not join the Ray cluster at {address} ({reason}); start it (ray start "
