@@ -526,6 +526,8 @@ class JobManager:
 
     def _write_service(self, stopped: bool = False) -> None:
         """The service file of the data folder: who serves the jobs, for `blockstudio jobs` (and operators)."""
+        if self._stopping and not stopped:  # a job's thread ending after close() must not undo its "stopped"
+            return
         facts = self.worker.facts()
         data = {"backend": facts.backend, "address": facts.address, "slots": facts.slots, "workers": facts.workers,
                 "gpus": facts.gpus, "detail": facts.detail, "pid": os.getpid(), "host": socket.gethostname(),
