@@ -41,13 +41,23 @@ from pipelines.adapters.core import (
 from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
 from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
+from pipelines.adapters.mixlora import (
+    MixLoRAConfig,
+    MixLoRALinear,
+    MixLoRAMoE,
+    mixlora_aux_loss,
+    mixlora_expert_loads,
+    mixlora_router_logits,
+)
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
+from pipelines.adapters.smora import SMoRAConfig, SMoRALinear, smora_rank_activations, smora_rank_bias
 from pipelines.adapters.visual_gated import (
     VisualGatedConfig,
     VisualGatedLoRALinear,
     complementary_loss,
     visual_gate,
 )
+from pipelines.adapters.xlora import XLoRAConfig, XLoRALinear, xlora_experts, xlora_scalings
 
 __all__ = [
     "METHODS",
@@ -63,10 +73,17 @@ __all__ = [
     "MethodInfo",
     "MissConfig",
     "MissLinear",
+    "MixLoRAConfig",
+    "MixLoRALinear",
+    "MixLoRAMoE",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
+    "SMoRAConfig",
+    "SMoRALinear",
     "VisualGatedConfig",
     "VisualGatedLoRALinear",
+    "XLoRAConfig",
+    "XLoRALinear",
     "active_adapters",
     "adapter_config",
     "adapter_layers",
@@ -84,6 +101,9 @@ __all__ = [
     "load_adapter_state_dict",
     "merge",
     "miss_parameter_count",
+    "mixlora_aux_loss",
+    "mixlora_expert_loads",
+    "mixlora_router_logits",
     "phase_at_step",
     "read_adapter_config",
     "register_method",
@@ -92,7 +112,11 @@ __all__ = [
     "save_adapter",
     "set_active",
     "set_phase",
+    "smora_rank_activations",
+    "smora_rank_bias",
     "trainable_parameters",
     "unmerge",
     "visual_gate",
+    "xlora_experts",
+    "xlora_scalings",
 ]
