@@ -72,7 +72,8 @@ class MixLoRAConfig(AdapterConfig):
     num_experts: int = field(default=8, metadata={"help": "E, LoRA experts per feed-forward block (template: 8)"})
     top_k: int = field(default=2, metadata={"help": "experts each token is routed to (MoE-PEFT: 2)"})
     rank: int = field(default=16, metadata={"help": "LoRA rank r (template: 16)"})
-    alpha: float = field(default=32.0, metadata={"help": "lora_alpha; the update is scaled by alpha / r (template: 32)"})
+    alpha: float = field(default=32.0, metadata={
+        "help": "lora_alpha; the update is scaled by alpha / r (template: 32)"})
     dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input (template: 0.05)"})
     expert_rank: int | None = field(default=None, metadata={"help": "the experts' rank (None: rank)"})
     expert_alpha: float | None = field(default=None, metadata={"help": "the experts' lora_alpha (None: alpha)"})
@@ -121,7 +122,8 @@ class MixLoRAConfig(AdapterConfig):
             from transformers.activations import ACT2FN
 
             if not isinstance(self.act_fn, str) or self.act_fn not in ACT2FN:
-                raise AdapterError(f"MixLoRA act_fn must be None or a transformers activation name, not {self.act_fn!r}")
+                raise AdapterError(f"MixLoRA act_fn must be None or a transformers activation name, "
+                                   f"not {self.act_fn!r}")
 
     # -- the experts' LoRA shape -----------------------------------------------------------------------------
 

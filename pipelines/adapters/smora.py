@@ -65,7 +65,8 @@ class SMoRAConfig(AdapterConfig):
         check_int("SMoRA", "rank", self.rank)
         if isinstance(self.activate_r, int) and not isinstance(self.activate_r, bool) \
                 and isinstance(self.rank, int) and self.activate_r > self.rank:
-            raise AdapterError(f"SMoRA activate_r (the top-k) must be at most rank ({self.rank}), not {self.activate_r}")
+            raise AdapterError(f"SMoRA activate_r (the top-k) must be at most rank ({self.rank}), "
+                               f"not {self.activate_r}")
         check_int("SMoRA", "activate_r", self.activate_r)
         check_number("SMoRA", "alpha", self.alpha, 0.0, low_open=True)
         check_number("SMoRA", "dropout", self.dropout, 0.0, 1.0, high_open=True)
