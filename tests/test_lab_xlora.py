@@ -37,3 +37,21 @@ def test_the_panel_runs_its_quick_setting_through_the_app(studio_server):
     assert record_of(outputs)["status"] == "done"
     assert len(figures_of(outputs)) == 4
     assert any("routed to its expert" in table["headers"] for table in tables_of(outputs))
+
+
+def test_segmented_sequences_mark_each_tokens_task_and_score_every_answer():
+    from pipelines.lab.data import CharTokenizer
+    from pipelines.lab.experiments._tasks import segmented
+
+    tokenizer = CharTokenizer()
+    data, owners = segmented(["copy", "sort", "add"], "test", 4, seed=0, per_sequence=3)
+    assert data.input_ids.shape == owners.shape and (data.input_ids[:, 0] == tokenizer.bos_id).all()
+    for row in range(4):
+        real = data.attention_mask[row].bool()
+        assert (owners[row][real][1:] >= 0).all() and (owners[row][~real] == -1).all()
+        assert sorted(set(owners[row][real][1:].tolist())) == [0, 1, 2]
+        text = tokenizer.decode(data.input_ids[row][real])
+        for segment in data.prompts[row].split(" "):  # every prompt and answer, in order
+            assert segment in text
+        answers = data.labels[row][data.labels[row] != -100]
+        assert int((answers == tokenizer.eos_id).sum()) == 3  # each answer closes with its end token
