@@ -16,6 +16,7 @@ import gradio as gr
 
 from pipelines.models import REGISTRY
 from pipelines.storage import home_dir
+from studio.gpu import on_zero_gpu
 from studio.jobs import JobManager
 from studio.methods import METHODS
 from studio.mixing import GenerationService
@@ -68,9 +69,18 @@ def default_models(gpu: bool) -> dict[str, str]:
     """Base model per architecture: SDXL and Flux on a GPU, the tiny ones elsewhere; BLOCKSTUDIO_MODEL overrides."""
     models = {"sdxl": "sdxl", "flux": "flux-dev"} if gpu else {"sdxl": "tiny-sdxl", "flux": "tiny-flux"}
     chosen = os.environ.get("BLOCKSTUDIO_MODEL")
-    if chosen in REGISTRY:
+    if chosen in REGISTRY and not REGISTRY[chosen].random_weights:
         models[REGISTRY[chosen].arch] = chosen
     return models
+
+
+def training_options() -> dict[str, Any]:
+    """How the jobs worker trains: in chunks of GPU calls on ZeroGPU (`studio/zerogpu.py`), else in one go."""
+    if not on_zero_gpu():
+        return {}
+    from studio.zerogpu import ChunkedRunner
+
+    return {"runner": ChunkedRunner.from_environment()}
 
 
 def browser_secret(home: Path) -> str:
@@ -93,7 +103,7 @@ def build_app(home: Path | None = None, *, jobs: JobManager | None = None,
     hotswap_rank = int(os.environ.get("BLOCKSTUDIO_HOTSWAP_RANK", "128")) or None
     studio = Studio(
         home=home,
-        jobs=jobs or JobManager(home),
+        jobs=jobs or JobManager(home, **training_options()),
         generation=generation or GenerationService(hotswap_rank=hotswap_rank),
         gpu=gpu,
         default_models=default_models(gpu),

@@ -1,4 +1,4 @@
-"""`blockstudio` commands: train, generate, import, inspect, models, lab, app.
+"""`blockstudio` commands: train, generate, export, import, inspect, models, lab, app.
 
 Every command validates its input before loading a model, prints one-line errors (exit code 2) for bad
 input, and never leaves half-written files behind.
@@ -84,6 +84,8 @@ def _run_request_fields(args: argparse.Namespace) -> dict:
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, samples=not args.no_samples,
         sample_steps=args.sample_steps, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+        attention=args.attention, compile_blocks=args.compile_blocks, fused_adam=args.fused_adam, tf32=args.tf32,
+        channels_last=args.channels_last,
         resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints, force=args.force,
     )
 
@@ -91,7 +93,7 @@ def _run_request_fields(args: argparse.Namespace) -> dict:
 def cmd_train_blora(args: argparse.Namespace) -> int:
     from pipelines.blora import TrainRequest, train_blora
 
-    request = TrainRequest(**_run_request_fields(args))
+    request = TrainRequest(**_run_request_fields(args), adapter=args.adapter)
     return _run_training(lambda **kw: train_blora(request, **kw), args.out)
 
 
@@ -180,6 +182,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _pil_format(path: Path) -> str:
     return {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipelines.rank_export import export_package
+
+    path = export_package(args.package, args.rank, args.out, force=args.force)
+    print(f"package at rank {args.rank} written to {path}")
+    return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -317,6 +327,19 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
     p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None,
                    help="8-bit optimizer state (B-LoRA: on by default on a GPU with bitsandbytes, as the official "
                         "command; SplitFlux: off unless given, the paper's Adam keeps 32-bit state)")
+    # Speed levers; left out, each is decided from the hardware (pipelines/training.py, LEVERS).
+    from pipelines.training import ATTENTION_CHOICES
+
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
+                   help="attention kernel (default sdpa: PyTorch picks flash where it can)")
+    p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the repeated transformer blocks (default: on a CUDA GPU)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdamW's fused kernel (default: on a CUDA GPU)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorFloat-32 matrix products (default: on a CUDA GPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format for the UNet (default: on a CUDA GPU)")
     _add_force_option(p, "an existing package (or a folder of other files) at --out")
 
 
@@ -364,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     blora = methods.add_parser("blora", help="B-LoRA on SDXL")
     blora.add_argument("--model", default="sdxl", help="sdxl, tiny-sdxl, a Hub id or a local SDXL folder")
     _add_training_options(blora, steps=1000, rank=64, lr=5e-5)
+    blora.add_argument("--adapter", choices=["lora", "dylora", "sora"], default="lora",
+                       help="lora (the official recipe); dylora: every rank 1..RANK in one run; sora: gated ranks, "
+                            "zero gates pruned (both export at another rank with `blockstudio export`)")
     blora.set_defaults(func=cmd_train_blora)
     splitflux = methods.add_parser("splitflux", help="SplitFlux on Flux (content and style single-stream blocks)")
     splitflux.add_argument("--model", default="flux-dev",
@@ -395,6 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="image file to write (.png, .jpg, .webp)")
     _add_force_option(gen, "an existing image file at --out")
     gen.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser("export", help="write a DyLoRA or SoRA package again at another rank")
+    export.add_argument("package", help="a package trained with --adapter dylora or sora")
+    export.add_argument("--rank", type=int, required=True,
+                        help="DyLoRA: any rank in its range; SoRA: up to the live ranks its gates kept")
+    export.add_argument("--out", required=True, help="new folder for the package at that rank")
+    _add_force_option(export, "an existing package (or a folder of other files) at --out")
+    export.set_defaults(func=cmd_export)
 
     imp = sub.add_parser("import", help="import a LoRA made elsewhere into an adapter package")
     imp.add_argument("file", help="a .safetensors LoRA (official B-LoRA, diffusers, kohya)")

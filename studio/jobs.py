@@ -38,6 +38,7 @@ from pipelines.training import (
     CancelToken,
     CorruptCheckpoint,
     TrainingCancelled,
+    TrainingPaused,
     latest_checkpoint,
     verify_checkpoint,
     work_dir_for,
@@ -90,6 +91,7 @@ class JobRecord:
     message: str = ""  # lab jobs: what the run is doing now
     elapsed_s: float | None = None  # lab jobs: seconds since the run started
     result: str | None = None  # lab jobs: the result folder under the job's folder, once done
+    paused_at: int | None = None  # trained in chunks (ZeroGPU): the step its last chunk stopped at
 
     @property
     def active(self) -> bool:
@@ -309,7 +311,7 @@ class JobManager:
 
     def submit(self, owner: str, *, image: str | Path, method: str, model: str, name: str | None = None,
                steps: int, rank: int, learning_rate: float, seed: int = 0, sample_every: int = 0,
-               token: str | None = None, sample_steps: int | None = None) -> JobRecord:
+               token: str | None = None, sample_steps: int | None = None, adapter: str = "lora") -> JobRecord:
         """Check everything, copy the image into the job, and queue it. Errors name the field to fix.
 
         The package name is claimed here and stays the job's until it is done or discarded.
@@ -328,6 +330,8 @@ class JobManager:
         if sample_steps is not None:
             sample_steps = checks.whole_number(sample_steps, "preview steps", 1, 1000)
         token = check_token(token.strip()) if token and token.strip() else None
+        if adapter not in chosen.adapters:
+            raise JobError(f"{chosen.label} trains with {' or '.join(chosen.adapters)} adapters, not {adapter!r}")
         extras = chosen.extra_values(rank)
         # The job trains from its own copy (the upload cache may be emptied before a resume); encoding it
         # here keeps the lock, which every page's poll takes, free of image work.
@@ -348,7 +352,7 @@ class JobManager:
                 created=time.time(),
                 settings={"steps": steps, "rank": rank, "learning_rate": learning_rate, "seed": seed,
                           "sample_every": sample_every, "token": token, "sample_steps": sample_steps,
-                          "extras": extras},
+                          "extras": extras, "adapter": adapter},
             )
             try:
                 with atomic_file(self._job_dir(record) / "source.png") as tmp:
@@ -435,7 +439,7 @@ class JobManager:
             if not record.resumable:
                 raise JobError(f"this job is {record.status}; only cancelled, failed or interrupted jobs resume")
             self._check_room(owner)
-            return self._enqueue(record, error=None, finished=None)
+            return self._enqueue(record, error=None, finished=None, paused_at=None)
 
     def discard(self, owner: str, job_id: str) -> None:
         """Forget a stopped job and delete its checkpoints (its name becomes free again)."""
@@ -504,6 +508,10 @@ class JobManager:
         try:
             (self._run_lab if record.kind == "lab" else self._run)(record, token)
             return "done", None, None
+        except TrainingPaused as exc:
+            # One chunk of a job trained in chunks: it goes to the back of the queue (`_finish`).
+            record.paused_at = exc.step
+            return ("interrupted" if self._stopping else "queued"), None, None
         except TrainingCancelled:
             return ("interrupted" if self._stopping else "cancelled"), None, None
         except CorruptCheckpoint as exc:
@@ -517,7 +525,7 @@ class JobManager:
         """Write a job's end into its record (the caller holds the lock)."""
         record.status = outcome
         record.error = Workspace(record.owner, self.home).scrub(error) if error else None
-        record.finished = time.time()
+        record.finished = None if outcome == "queued" else time.time()
         record.eta_s = 0.0 if outcome == "done" else None
         if outcome == "done":
             record.checkpoint_step, record.restart = None, False
@@ -527,6 +535,8 @@ class JobManager:
             self._start_over(record, damaged)
         else:
             self._note_checkpoint(record)
+        if outcome == "queued":  # a paused chunk: other jobs run before its next one
+            self._queue.append(record.id)
         if self._save_or_log(record):
             self._save_unsaved()
 
@@ -551,7 +561,7 @@ class JobManager:
             token=settings.get("token"), sample_every=settings.get("sample_every") or 0,
             sample_steps=settings.get("sample_steps"), checkpoint_every=max(1, min(250, steps // 10)),
             samples=True, resume=record.runs > 1 and not record.restart, restart=record.restart,
-            **settings.get("extras", {}),
+            adapter=settings.get("adapter", "lora"), **settings.get("extras", {}),
         )
         first_event = [True]
 
@@ -559,7 +569,9 @@ class JobManager:
             with self._lock:
                 if first_event[0]:
                     first_event[0] = False
-                    record.resumed_from = event.step - 1 if event.step > 1 else None
+                    if record.paused_at is None:  # the next chunk of a chunked job is no resume
+                        record.resumed_from = event.step - 1 if event.step > 1 else None
+                    record.paused_at = None
                 # After a resume the loop repeats the steps after its checkpoint: keep one loss per step.
                 del record.losses[event.step - 1:]
                 record.losses.append(round(float(event.loss), 6))

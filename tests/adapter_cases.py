@@ -72,10 +72,15 @@ CASES: dict[str, Case] = {
     "lora": Case({"rank": 4, "scale": 0.5}),
     "rank-constrained": Case({"rank": 4, "alpha": 2}),
     "visual-gated": Case({"content_rank": 3, "residual_rank": 2}),
+    "dylora": Case({"rank": 4, "min_rank": 1, "alpha": 8.0}),
+    "sora": Case({"rank": 4, "alpha": 8.0}),
     "dv-lora": Case({"rank": 4}),
     # 16 and 32 input features cut into 3 chunks: the last chunk is zero-padded.
     "block-lora": Case({"rank": 3, "num_blocks": 3}),
     "miss": Case({"rank": 4}),
+    "cbq": Case({"bits": 3, "rank": 2}),
+    # NF3 in blocks of 16 with 4-bit scales; the 512-number weights end in a partial scale group.
+    "lq-lora": Case({"rank": 4, "quant_format": "nf3-16-4-bf16-64", "num_iterations": 5}),
     "mixlora": Case({"num_experts": 4, "top_k": 2, "rank": 2, "dropout": 0.0}, model=tiny_llama, inputs=token_ids,
                     targets=["q_proj", "v_proj", "mlp"]),
     "smora": Case({"rank": 8, "activate_r": 2}),

@@ -82,8 +82,9 @@ def banner(gpu: bool, model: str | None = None) -> tuple[str, str] | None:
                 "They make noise, not pictures: they are for trying the whole workflow (train, mix, re-embed, "
                 "export, share) in seconds. Run Block Studio on a GPU for SDXL and Flux.")
     if on_zero_gpu():
-        return ("zero", "**ZeroGPU.** Mixing and re-embedding get a GPU per request. Training runs for many "
-                "minutes and needs dedicated GPU hardware; on ZeroGPU, import adapters trained elsewhere.")
+        return ("zero", "**ZeroGPU.** Mixing and re-embedding get a GPU per request. Training runs in chunks of "
+                "steps, each a short GPU call that resumes where the last one stopped; other people's jobs run "
+                "between the chunks, so a job takes longer here than on dedicated GPU hardware.")
     return None
 
 

@@ -22,7 +22,7 @@ from pipelines.models import REGISTRY
 from pipelines.package import AdapterPackage
 from pipelines.storage import is_package
 from studio.jobs import JobRecord
-from studio.methods import METHODS, models_for, training_defaults
+from studio.methods import ADAPTER_LABELS, METHODS, Method, models_for, training_defaults
 from studio.ui.common import Studio, banner, format_seconds, handler, upload_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,9 +52,18 @@ def model_info(name: str | None) -> str:
     return spec.description if spec else ""
 
 
+def adapter_options(method: Method) -> dict[str, Any]:
+    """The adapters `method` trains its blocks with (the Adapter radio's settings); shown only given a choice."""
+    return dict(choices=[(ADAPTER_LABELS[a], a) for a in method.adapters], value=method.adapters[0],
+                visible=len(method.adapters) > 1)
+
+
 def _job_label(record: JobRecord) -> str:
     when = time.strftime("%b %d %H:%M", time.localtime(record.created))
-    return f"{record.name} · {METHODS[record.method].label} · {record.model} · {when}"
+    adapter = record.settings.get("adapter") or "lora"
+    kind = ADAPTER_LABELS.get(adapter, str(adapter)).split(" ")[0]
+    method = METHODS[record.method].label + (f" ({kind})" if adapter != "lora" else "")
+    return f"{record.name} · {method} · {record.model} · {when}"
 
 
 def job_choices(studio: Studio, owner: str) -> list[tuple[str, str]]:
@@ -194,6 +203,9 @@ def build(studio: Studio) -> TrainTab:
                                              info="0 = no previews while training", precision=0, minimum=0)
                     token = gr.Textbox(label="Trigger token", placeholder=first.token_hint, max_length=32,
                                        elem_id="train-token")
+                adapter = gr.Radio(label="Adapter", elem_id="train-adapter", **adapter_options(first),
+                                   info="DyLoRA and SoRA packages can be exported later at a smaller rank "
+                                        "(Share tab, or blockstudio export)")
             start = gr.Button("Start training", variant="primary", size="lg", elem_id="train-start")
 
     gr.Markdown("### Progress")
@@ -222,7 +234,8 @@ def build(studio: Studio) -> TrainTab:
         values = training_defaults(chosen, spec)
         updates = (gr.Dropdown(choices=model_choices(studio, chosen.arch), value=spec.name, info=model_info(spec.name)),
                    gr.Radio(info=chosen.blurb), values["steps"], values["rank"], values["learning_rate"],
-                   values["sample_every"], gr.Textbox(placeholder=chosen.token_hint))
+                   values["sample_every"], gr.Textbox(placeholder=chosen.token_hint),
+                   gr.Radio(**adapter_options(chosen)))
         if studio.banner is None:
             return updates
         notice = banner(studio.gpu, spec.name)
@@ -241,7 +254,7 @@ def build(studio: Studio) -> TrainTab:
 
     @handler
     def start_training(workspace_id, upload, method_key, model_name, package_name, n_steps, lora_rank, lr,
-                       seed_value, preview_every, trigger):
+                       seed_value, preview_every, trigger, adapter_type="lora"):
         path = upload_path(upload)
         if not path:
             raise gr.Error("Upload an image first (drag and drop, paste, or pick an example).",
@@ -250,7 +263,7 @@ def build(studio: Studio) -> TrainTab:
         record = studio.jobs.submit(
             owner, image=path, method=method_key, model=model_name, name=package_name or None,
             steps=n_steps or 0, rank=lora_rank or 0, learning_rate=lr or 0, seed=seed_value or 0,
-            sample_every=preview_every or 0, token=trigger,
+            sample_every=preview_every or 0, token=trigger, adapter=adapter_type or "lora",
         )
         ahead = studio.jobs.position(record.id)
         gr.Info(f"{record.name}: queued" + (f" behind {ahead} job(s)." if ahead else ", starting now."))
@@ -309,7 +322,7 @@ def build(studio: Studio) -> TrainTab:
         return current_job(owner)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    method_outputs = [model, method, steps, rank, learning_rate, sample_every, token]
+    method_outputs = [model, method, steps, rank, learning_rate, sample_every, token, adapter]
     if studio.banner is not None:
         method_outputs.append(studio.banner)  # it names the tiny model the chosen method trains on
     method.input(change_method, [method], method_outputs, api_visibility="private", **cheap)
@@ -318,7 +331,7 @@ def build(studio: Studio) -> TrainTab:
     gr.on([image.change, model.change], crop_preview, [image, model], [crop], api_name="crop_preview",
           preprocess=False, **cheap)
     start.click(start_training, [ws, image, method, model, name, steps, rank, learning_rate, seed, sample_every,
-                                 token], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
+                                 token, adapter], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
                 show_progress="hidden")
     job.input(show_job, [ws, job], outputs, api_visibility="private", **cheap)
     timer.tick(poll_job, [ws, job, shown], outputs + [shown], api_name="job_status", **cheap)
