@@ -139,7 +139,7 @@ class MixLoRAConfig(AdapterConfig):
         return is_swiglu(module, self.act_fn is None) or (
             hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight"))
 
-    def make_layer(self, base: nn.Module, name: str) -> AdapterLayer:
+    def make_layer(self, base: nn.Module, name: str, module: str = "") -> AdapterLayer:
         if is_swiglu(base, self.act_fn is None):
             return MixLoRAMoE(base, self, adapter_name=name)
         return MixLoRALinear(base, self, adapter_name=name)

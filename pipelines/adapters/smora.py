@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.adapters.base import AdapterLayer
-from pipelines.adapters.core import AdapterConfig, AdapterError, layers_of, register_method
+from pipelines.adapters.core import AdapterConfig, AdapterError, method_layers, register_method
 from pipelines.adapters.fields import check_choice, check_int, check_number
 
 
@@ -136,11 +136,7 @@ SMoRAConfig.layer_cls = SMoRALinear
 
 
 def smora_layers(model: nn.Module, name: str = "default") -> dict[str, SMoRALinear]:
-    layers = {module: stack[0] for module, stack in layers_of(model, name).items()
-              if isinstance(stack[0], SMoRALinear)}
-    if not layers:
-        raise AdapterError(f"the model has no SMoRA adapter named {name!r}")
-    return layers
+    return method_layers(model, name, SMoRALinear, "SMoRA")
 
 
 @torch.no_grad()
