@@ -196,5 +196,5 @@ def test_peft_xlora_model_alone_needs_index_names_and_no_cache(peft_experts):
     named.config.use_cache = False
     model = get_peft_model(named, XLoraConfig(task_type="CAUSAL_LM", hidden_size=16,
                                               adapters={"copy": peft_experts["0"], "sort": peft_experts["1"]}))
-    with pytest.raises(KeyError):  # experts loaded as "0", "1" but activated as "copy", "sort" (peft#2132)
+    with pytest.raises(KeyError):  # experts loaded as "0", "1" but activated as "copy", "sort"
         model(**token_ids())

@@ -23,9 +23,10 @@ Why not PEFT's `XLoraModel` itself: it builds its own `LoraModel` over the model
 which would bypass the verbs (named adapters, stacking, `disabled`, remove); and in PEFT 0.21 it runs on the lab's
 tiny Llama offline only if (1) `model.config.use_cache` is False (else "`use_cache` must be False"), (2) the keys
 of `adapters` are "0", "1", ...: it loads the experts under those index names but activates the given keys, so any
-other names fail with a KeyError in `disable_adapter_layers` (huggingface/peft#2132), (3) it is called through
-`PeftModel.forward` (a bare `XLoraModel.forward` skips the classifier and adds the experts unscaled), (4) the
-experts are PEFT LoRA folders of a model whose state keys start with "model." (its key rewriting assumes it).
+other names fail with a KeyError in `disable_adapter_layers` (a fix, huggingface/peft#3421, was not merged), (3) it
+is called through `PeftModel.forward` (a bare `XLoraModel.forward` skips the classifier and adds the experts
+unscaled), (4) the experts are PEFT LoRA folders of a model whose backbone sits under `.model` (its key rewriting
+assumes it; a BERT classifier's keys do not fit, huggingface/peft#2132).
 Here any expert names work, `use_cache` is switched off for both passes of each call (the model's config is not
 changed; generate with `use_cache=False`), and experts come from this package's LoRA folders (`save_adapter`) or
 PEFT's (`save_pretrained`).
