@@ -2,15 +2,17 @@
 
 The student is the lab's tiny Llama after a short full fine-tuning on general skills it will need (arithmetic
 facts such as `7sub2=5`, reading the numbers out of a sentence, and chains of operations written out, such as
-`calc:3add4 sub2>3add4=7 7sub2=5>5.`): the stand-in for a pre-trained language model that can calculate. The
-teacher's data are templated word problems (`has 3,gets 4,eats 2.`), whose knowledge is the list of operations
-the verbs mean (`add,sub`), whose rationale is the worked steps (`3add4=7 7sub2=5`) and whose answer is the
-final count. Three LoRAs learn, with LoRID's prompt structure (short tags stand in for the official
-instructions, which would not fit the tiny model's context): the intuitive reasoner (question -> rationale and
-answer), the knowledge generator (question -> operations) and the deep reasoner (question and operations ->
-rationale and answer). At test time each answers alone (greedy decoding), and then the consistency loop samples
-the intuitive and the deep reasoner (with fresh knowledge each time) at the official temperature 1.5 and top-p 0.9
-until their answers agree, up to T = 20 times.
+`calc:3add4 sub2>3add4=7 7sub2=5>7,5.`): the stand-in for a pre-trained language model that can calculate but has
+not met the task. The teacher's data are templated word problems (`has 3,gets 4,eats 2.`): their knowledge is
+the list of operations the verbs mean (`add,sub`), their rationale the worked steps (`3add4=7 7sub2=5`) and their
+answer the count after each event (`7,5`). The teacher uses some verbs often and others rarely (Zipf's law,
+`verb_skew`); the test problems use all equally. Three LoRAs learn with LoRID's prompt structure (short tags
+stand in for the official instructions, which would not fit the tiny model's context): the intuitive reasoner
+(question -> rationale and answer), the knowledge generator (question -> operations) and the deep reasoner
+(question and operations -> rationale and answer). At test time each answers alone, by greedy decoding and by one
+sample at the loop's temperature, and then the consistency loop samples the intuitive and the deep reasoner (with
+fresh knowledge each time) at the official temperature 1.5 and top-p 0.9 until their answers agree, up to T = 20
+times; `lorid_solve` of the method module runs it.
 
 Demo choices (settings): rank 8 with alpha 16 (the official alpha / r = 2; the official rank 512 exceeds the
 tiny model's width), the LoRAs on every linear layer of the student by default (on the official query and value
@@ -287,14 +289,17 @@ def run(settings: LoRIDSettings, progress: Progress) -> LabResult:
                  "IR (greedy)": PROMPTS.extract(i), "KG + DR (greedy)": PROMPTS.extract(d),
                  "loop answer": o.answer or "none", "iterations": o.iterations, "answer": p.answer}
                 for p, g, k, i, d, o in list(zip(test, gold, knowledge, intuitive, deep, outcomes, strict=True))[:12]]
+    best_alone = max(alone["IR alone"], alone["KG + DR alone"])
     summary = (
         f"Three rank-{settings.rank} LoRAs ({metrics['adapter_parameters']:,.0f} parameters each) on one student "
         f"solve {settings.reasoning_steps}-step word problems. Alone (greedy), the intuitive reasoner gets "
         f"{alone['IR alone']:.0%} right, the deep reasoner {alone['KG + DR alone']:.0%} with the knowledge "
         f"generator's operations ({knowledge_accuracy:.0%} exactly right) and {alone['DR, gold knowledge']:.0%} with "
-        f"the teacher's. Sampled at temperature {settings.temperature:g}, top-p {settings.top_p:g}, until the two "
-        f"reasoners agree, the LoRID loop gets **{loop:.0%}** right after {iterations:.1f} iterations on average "
-        f"({unresolved:.0%} of the questions never agree within T = {settings.max_iterations} and count as wrong)."
+        f"the teacher's; one sample of each at temperature {settings.temperature:g}, top-p {settings.top_p:g} gets "
+        f"{sampled['IR, one sample']:.0%} and {sampled['KG + DR, one sample']:.0%}. Sampling both until they agree, "
+        f"the LoRID loop gets **{loop:.0%}** right ({'above' if loop > best_alone else 'not above'} the better "
+        f"greedy module) after {iterations:.1f} iterations on average; {unresolved:.0%} of the questions never "
+        f"agree within T = {settings.max_iterations} and count as wrong."
     )
     return LabResult(method="lorid", summary=summary, metrics=metrics,
                      tables={"accuracy": rows, "examples": examples}, figures=figures, settings=settings.to_dict())
