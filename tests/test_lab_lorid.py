@@ -25,6 +25,8 @@ def result():
 
 
 def test_the_loop_beats_one_sample_of_either_reasoner(result):
+    """The loop against each reasoner decoded the way the loop decodes (temperature 1.5, top-p 0.9): agreement
+    filters the sampled answers. Greedy decoding is a different decoder; the panel shows it beside them."""
     m = result.metrics
     assert m["loop_accuracy"] > m["ir_sample_accuracy"]
     assert m["loop_accuracy"] > m["dr_sample_accuracy"]

@@ -326,7 +326,7 @@ def run(settings: GraniteSpeechSettings, progress: Progress) -> LabResult:
     train = utterances(settings.train_utterances, settings, "train")
     test = utterances(settings.test_utterances, settings, "test")
 
-    # 1. The encoder learns the letters with CTC, then is frozen.
+    # 1. The encoder learns the letters with CTC (frozen afterwards only with freeze_encoder).
     encoder_losses = fit(model, model.model.encoder.parameters(), ctc_loss, train, settings.encoder_steps,
                          settings.learning_rate, progress.span(0.0, 0.25), batch_size=settings.batch_size,
                          seed=settings.seed, message="training the encoder (CTC)")
