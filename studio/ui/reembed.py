@@ -12,7 +12,7 @@ from studio.ui.mix import GENERATE, make_settings, settings_controls
 
 
 def content_part(package) -> str:
-    """The part the package records for new prompts (SplitFlux: the content branch; B-LoRA: its content block)."""
+    """The part the package records for new prompts (its recipe's composition says which)."""
     return package.part_for("reembed")
 
 
