@@ -26,6 +26,7 @@ from studio.ui import reembed as reembed_tab
 from studio.ui import share as share_tab
 from studio.ui import train as train_tab
 from studio.ui.common import Studio, banner, picker_updates
+from studio.workers import worker_from_environment
 from studio.workspace import is_workspace_id, new_workspace_id, secret_file, workspaces_root
 
 MAX_UPLOAD = os.environ.get("BLOCKSTUDIO_MAX_UPLOAD", "1gb")  # a rank-64 SDXL package zip is about 500 MB
@@ -56,6 +57,7 @@ CSS = """
                 background: linear-gradient(90deg, #6366f1, #ec4899); }
 .bs-stats { display: flex; gap: 22px; flex-wrap: wrap; margin-top: 8px; font-variant-numeric: tabular-nums; }
 .bs-note { margin-top: 8px; color: var(--body-text-color-subdued); }
+.bs-ops { margin-top: 8px; font-size: 12px; }
 """
 
 
@@ -75,7 +77,11 @@ def default_models(gpu: bool) -> dict[str, str]:
 
 
 def training_options() -> dict[str, Any]:
-    """How the jobs worker trains: in chunks of GPU calls on ZeroGPU (`studio/zerogpu.py`), else in one go."""
+    """Where jobs run: on a Ray cluster when BLOCKSTUDIO_RAY_ADDRESS is set (`studio/ray_worker.py`); else in the
+    server's process, in chunks of GPU calls on ZeroGPU (`studio/zerogpu.py`) and in one go elsewhere."""
+    worker = worker_from_environment()
+    if worker is not None:
+        return {"worker": worker}
     if not on_zero_gpu():
         return {}
     from studio.zerogpu import ChunkedRunner

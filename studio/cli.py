@@ -1,4 +1,4 @@
-"""`blockstudio` commands: train, generate, export, import, inspect, models, lab, app.
+"""`blockstudio` commands: train, generate, export, import, inspect, models, lab, jobs, app.
 
 Every command validates its input before loading a model, prints one-line errors (exit code 2) for bad
 input, and never leaves half-written files behind.
@@ -288,6 +288,53 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """The job queue of a data folder, read from the records on disk (no server needed)."""
+    import json
+
+    from pipelines.storage import home_dir
+    from studio.job_records import operator_listing
+
+    home = Path(args.home).expanduser() if args.home else home_dir()
+    if not home.is_dir():
+        raise ValueError(f"{home} is not a folder; give the data folder the server uses (--home, or BLOCKSTUDIO_HOME)")
+    service, rows = operator_listing(home, everything=args.all)
+    if args.json:
+        print(json.dumps({"service": service, "jobs": rows}, indent=2, sort_keys=True))
+        return 0
+    print(_service_line(service))
+    running = sum(r["status"] in ("running", "cancelling") for r in rows)
+    waiting = sum(r["status"] == "queued" for r in rows)
+    print(f"jobs: {running} running, {waiting} waiting" + ("" if args.all else " (done ones: --all)"))
+    if not rows:
+        return 0
+    header = ("#", "JOB", "STATUS", "KIND", "METHOD", "MODEL", "NAME", "STEP", "WORKSPACE", "WORKER")
+    table = [header] + [(
+        str(r["position"]) if r["position"] is not None else "-", r["id"], r["status"], r["kind"], r["method"],
+        r["model"], r["name"] or "-", f"{r['step']}/{r['total']}", r["workspace"], r["worker"] or "-",
+    ) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _service_line(service: dict | None) -> str:
+    """Who serves the data folder's jobs, as far as the service file (and this machine's processes) tell."""
+    if service is None:
+        return "served by: no server has served this data folder yet"
+    facts = (f"{service['backend']}" + (f" at {service['address']}" if service.get("address") else "")
+             + f" · {service['workers']} worker(s) · {service['gpus']} GPU(s) · {service['slots']} at a time"
+             + (f" · {service['detail']}" if service.get("detail") else ""))
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(service["updated"]))
+    if service["state"] == "serving":
+        return f"served by: {facts} · pid {service['pid']} on {service['host']}, last seen {when}"
+    if service["state"] == "stopped":
+        return f"served by: nobody now (the last server, {facts}, stopped at {when})"
+    return (f"served by: nobody now (the last server, {facts}, pid {service['pid']}, ended without stopping; its "
+            "running jobs show as interrupted once a server starts)")
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from studio.app import launch
 
@@ -423,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab_run.add_argument("--out", default=None, help="folder for the result: result.json and one PNG per figure")
     lab_run.set_defaults(func=cmd_lab)
 
+    jobs = sub.add_parser("jobs", help="list the training and lab jobs of a data folder (no server needed)")
+    jobs.add_argument("--home", default=None, help="the data folder (default: $BLOCKSTUDIO_HOME or ~/.cache/blockstudio)")
+    jobs.add_argument("--all", action="store_true", help="also the finished and discarded jobs")
+    jobs.add_argument("--json", action="store_true", help="print the service and the jobs as JSON")
+    jobs.set_defaults(func=cmd_jobs, loads_models=False)
+
     app = sub.add_parser("app", help="start the studio in the browser")
     app.add_argument("--host", default="127.0.0.1")
     app.add_argument("--port", type=int, default=7860)
@@ -434,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    if getattr(args, "loads_models", True):
+        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, KeyError, OverflowError) as exc:

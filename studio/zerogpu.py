@@ -5,7 +5,7 @@ On ZeroGPU a GPU is attached only while a decorated function runs, for at most i
 function runs in a forked worker process: its arguments and what it yields are pickled across, and nothing
 else it changes comes back. So a chunk is a generator, `gpu_chunk`, that trains `chunk_steps` steps (the loop's
 `max_steps_this_call`, which checkpoints and raises `TrainingPaused`) and yields its progress events, previews
-and outcome; `ChunkedRunner` calls it from the jobs worker and turns the events back into the callbacks a
+and outcome (`studio.workers.outcome_event`); `ChunkedRunner` calls it from the jobs worker and turns the events back into the callbacks a
 runner gets. The worker puts a paused job at the back of the queue, so other users' jobs run between its
 chunks, and the next chunk resumes from the checkpoint: the result is bit-identical to one uninterrupted run.
 Cancelling crosses the process boundary as a file in the run's work folder. The base pipeline is loaded in the
@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import BlockStudioError
-from pipelines.training import CancelToken, TrainingCancelled, TrainingPaused, work_dir_for
+from pipelines.training import CancelToken, work_dir_for
 from studio.gpu import gpu
+from studio.workers import outcome_event, raise_outcome
 
 DEFAULT_CHUNK_STEPS = 100
 DEFAULT_DURATION_S = 120
@@ -63,24 +63,19 @@ def _events(call_id: int, method: Any, request: Any) -> Iterator[tuple]:
 
     def work() -> None:
         try:
-            path = runner(method, request, on_progress=lambda e: events.put(("progress", e)),
-                          on_sample=lambda step, image: events.put(("sample", step, image)), cancel=token, pipe=pipe)
-            events.put(("done", str(path)))
-        except TrainingPaused as exc:
-            events.put(("paused", exc.step, exc.total))
-        except TrainingCancelled as exc:
-            events.put(("cancelled", str(exc)))
-        except BlockStudioError as exc:
-            events.put(("refused", str(exc)))
-        except Exception as exc:  # noqa: BLE001 - the class and message cross the process boundary, not the object
-            events.put(("failed", type(exc).__name__, str(exc)))
+            runner(method, request, on_progress=lambda e: events.put(("progress", e)),
+                   on_sample=lambda step, image: events.put(("sample", step, image)), cancel=token, pipe=pipe)
+            outcome = outcome_event(None)
+        except Exception as exc:  # its outcome crosses the process boundary as plain values, not the object
+            outcome = outcome_event(exc, work=work_dir_for(request.out))
+        events.put(("end", *outcome))
 
     thread = threading.Thread(target=work, name="blockstudio-chunk", daemon=True)
     thread.start()
     while True:
         event = events.get()
         yield event
-        if event[0] in ("done", "paused", "cancelled", "refused", "failed"):
+        if event[0] == "end":
             break
     thread.join()
 
@@ -126,16 +121,9 @@ class ChunkedRunner:
                     on_progress(event[1])
                 elif kind == "sample" and on_sample is not None:
                     on_sample(event[1], event[2])
-                elif kind == "done":
-                    return Path(event[1])
-                elif kind == "paused":
-                    raise TrainingPaused(event[1], event[2])
-                elif kind == "cancelled":
-                    raise TrainingCancelled(event[1])
-                elif kind == "refused":
-                    raise BlockStudioError(event[1])
-                elif kind == "failed":
-                    raise RuntimeError(f"{event[1]}: {event[2]}")
+                elif kind == "end":
+                    raise_outcome(event[1:], work=work_dir_for(request.out))
+                    return Path(request.out)
         finally:
             _CALLS.pop(call_id, None)
             cancel_file.unlink(missing_ok=True)

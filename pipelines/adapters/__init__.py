@@ -56,7 +56,16 @@ from pipelines.adapters.lq_lora import (
     plan_lq_lora,
 )
 from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
+from pipelines.adapters.mixlora import (
+    MixLoRAConfig,
+    MixLoRALinear,
+    MixLoRAMoE,
+    mixlora_aux_loss,
+    mixlora_expert_loads,
+    mixlora_router_logits,
+)
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
+from pipelines.adapters.smora import SMoRAConfig, SMoRALinear, smora_rank_activations, smora_rank_bias
 from pipelines.adapters.sora import (
     SoRAConfig,
     SoRALinear,
@@ -78,6 +87,7 @@ from pipelines.adapters.visual_gated import (
     complementary_loss,
     visual_gate,
 )
+from pipelines.adapters.xlora import XLoRAConfig, XLoRALinear, xlora_experts, xlora_scalings
 
 __all__ = [
     "AdapterConfig",
@@ -99,14 +109,21 @@ __all__ = [
     "MethodInfo",
     "MissConfig",
     "MissLinear",
+    "MixLoRAConfig",
+    "MixLoRALinear",
+    "MixLoRAMoE",
     "QuantFormat",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
+    "SMoRAConfig",
+    "SMoRALinear",
     "SoRAConfig",
     "SoRALinear",
     "SparseAdamW",
     "VisualGatedConfig",
     "VisualGatedLoRALinear",
+    "XLoRAConfig",
+    "XLoRALinear",
     "active_adapters",
     "adapter_config",
     "adapter_layers",
@@ -135,6 +152,9 @@ __all__ = [
     "lq_lora_report",
     "merge",
     "miss_parameter_count",
+    "mixlora_aux_loss",
+    "mixlora_expert_loads",
+    "mixlora_router_logits",
     "phase_at_step",
     "plan_lq_lora",
     "proximal_step_",
@@ -149,6 +169,8 @@ __all__ = [
     "set_active",
     "set_phase",
     "set_rank",
+    "smora_rank_activations",
+    "smora_rank_bias",
     "sora_optimizer",
     "sparsifying_schedule",
     "sparsity_loss",
@@ -156,4 +178,6 @@ __all__ = [
     "truncate",
     "unmerge",
     "visual_gate",
+    "xlora_experts",
+    "xlora_scalings",
 ]

@@ -492,18 +492,33 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
     return folder
 
 
-def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
-    """The config an adapter folder was saved with, checked; and the file's other facts (name, modules)."""
-    folder = Path(folder)
-    path = folder / CONFIG_NAME
+def read_config_json(folder: str | Path, hint: str = "save adapters with save_adapter") -> tuple[Path, Any]:
+    """The path and parsed JSON of `folder`'s adapter_config.json (a real file of bounded size), or one line."""
+    path = Path(folder) / CONFIG_NAME
     if not path.is_file() or path.is_symlink():
-        raise AdapterError(f"{folder} holds no {CONFIG_NAME}; save adapters with save_adapter")
+        raise AdapterError(f"{folder} holds no {CONFIG_NAME}; {hint}")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterError(f"{path} is too large to be an adapter config")
     try:
-        meta = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         raise AdapterError(f"{path} is not valid JSON") from None
+
+
+def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of `folder`'s adapter_model.safetensors (a real file), or one line."""
+    weights = Path(folder) / WEIGHTS_NAME
+    if not weights.is_file() or weights.is_symlink():
+        raise AdapterError(f"{folder} holds no {WEIGHTS_NAME}")
+    try:
+        return load_file(weights)
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise AdapterError(f"{weights} is not a readable safetensors file ({type(exc).__name__})") from None
+
+
+def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
+    """The config an adapter folder was saved with, checked; and the file's other facts (name, modules)."""
+    path, meta = read_config_json(folder)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterError(f"{path} is not a Block Studio adapter config")
     if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
@@ -531,13 +546,7 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str | None = None, 
     folder = Path(folder)
     config, meta = read_adapter_config(folder)
     name = check_adapter_name(name or meta.get("name") or "default")
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file() or weights.is_symlink():
-        raise AdapterError(f"{folder} holds no {WEIGHTS_NAME}")
-    try:
-        state = load_file(weights)
-    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-        raise AdapterError(f"{weights} is not a readable safetensors file ({type(exc).__name__})") from None
+    state = read_adapter_weights(folder)
     modules = [m for m in meta["modules"] if isinstance(m, str)]
     exact = dataclasses.replace(config, target_modules=exact_targets(modules), exclude_modules=None)
     found = target_names(model, exact)

@@ -8,6 +8,7 @@ traceback on the server only. `upload_path` admits only files the server receive
 from __future__ import annotations
 
 import functools
+import html
 import logging
 import os
 import stat
@@ -227,6 +228,11 @@ def format_size(size: float) -> str:
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{int(size)} B"
+
+
+def ops_note(facts: str | None) -> str:
+    """The line under a job's card that says what serves the jobs and how busy it is (`JobFacts.summary`)."""
+    return f"<div class='bs-ops bs-dim'>{html.escape(facts)}</div>" if facts else ""
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -24,7 +24,7 @@ from pipelines.settings import SettingField
 from pipelines.storage import is_package
 from studio.jobs import JobRecord
 from studio.methods import ADAPTER_LABELS, METHODS, Method, models_for, training_defaults, unavailable
-from studio.ui.common import Studio, banner, format_seconds, handler, upload_path
+from studio.ui.common import Studio, banner, format_seconds, handler, ops_note, upload_path
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -106,11 +106,13 @@ def finishing(record: JobRecord) -> bool:
     return record.status == "running" and record.total > 0 and record.step >= record.total
 
 
-def render_status(record: JobRecord | None, ahead: int | None) -> str:
+def render_status(record: JobRecord | None, ahead: int | None, facts: str | None = None) -> str:
+    """The job's card: status, progress, speed, ETA, loss and a note; `facts` is the line saying what serves
+    the jobs and how busy it is."""
     if record is None:
         return ("<div class='bs-job bs-empty'>No training yet. Upload an image, check the crop, and press "
                 "<b>Start training</b>. You can leave or reload the page: the job keeps going and shows up "
-                "here again.</div>")
+                f"here again.{ops_note(facts)}</div>")
     total = max(record.total, 1)
     percent = min(100.0, 100.0 * record.step / total)
     loss = f"{record.losses[-1]:.4f}" if record.losses else "–"
@@ -148,6 +150,7 @@ def render_status(record: JobRecord | None, ahead: int | None) -> str:
         note = (note + " " if note else "") + f"(Resumed from step {record.resumed_from}.)"
     if note:
         lines.append(f"<div class='bs-note'>{note}</div>")
+    lines.append(ops_note(facts))
     lines.append("</div>")
     return "".join(lines)
 
@@ -188,7 +191,7 @@ def status_values(studio: Studio, record: JobRecord | None, send_samples: bool =
     resume_label = (f"Resume from step {record.checkpoint_step}" if resumable and record.checkpoint_step
                     else "Start again")
     return (
-        render_status(record, ahead),
+        render_status(record, ahead, studio.jobs.facts().summary()),
         _loss_frame(record) if send_losses else gr.skip(),
         _samples(studio, record) if send_samples else gr.skip(),
         gr.Button(visible=active, interactive=bool(record and record.status in ("queued", "running"))),
@@ -259,7 +262,7 @@ def build(studio: Studio) -> TrainTab:
         cancel = gr.Button("Cancel", variant="stop", visible=False, scale=1, elem_id="train-cancel")
         resume = gr.Button("Resume", variant="primary", visible=False, scale=1, elem_id="train-resume")
         discard = gr.Button("Discard", visible=False, scale=1)
-    status = gr.HTML(render_status(None, None), elem_id="train-status")
+    status = gr.HTML(render_status(None, None, studio.jobs.facts().summary()), elem_id="train-status")
     with gr.Row():
         loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Training loss", height=260,
                                 scale=3, buttons=["fullscreen", "export"])
