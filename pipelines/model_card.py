@@ -56,7 +56,7 @@ def render_model_card(info: PackageInfo | dict) -> str:
     lines.append("---")
     parts = [p for p in info.files if p not in ("full", "samples") and not p.startswith("kohya")]
     composition = info.composition
-    mix_part = info.part_for("mix")
+    mix_part, style_part = info.part_for("mix"), info.part_for("style")
     subject = recipe.subject if recipe is not None else "[c]"
     content_prompt = f"A {subject.replace('[c]', token)}"
     if tiny:
@@ -120,7 +120,7 @@ def render_model_card(info: PackageInfo | dict) -> str:
     body += [
         "## Use with ComfyUI, A1111 or Forge",
         "",
-        f"Load `kohya/{name}_{mix_part}.safetensors` or `kohya/{name}_style.safetensors` with a LoRA loader node "
+        f"Load `kohya/{name}_{mix_part}.safetensors` or `kohya/{name}_{style_part}.safetensors` with a LoRA loader node "
         "on the same base model, and put the trigger token in the prompt.",
         "",
         "## Training",

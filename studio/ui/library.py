@@ -145,7 +145,17 @@ def build(studio: Studio) -> LibraryTab:
     keep.click(lambda: gr.Group(visible=False), None, [confirm_box], api_visibility="private", **cheap)
     confirm.click(delete_package, [ws, package], listed + [confirm_box], api_name="delete", **cheap)
     chosen_method = gr.State(import_method.value)
-    import_method.change(lambda key: key, [import_method], [chosen_method], api_visibility="private", **cheap)
+
+    def choose_method(key):
+        """The chosen recipe, kept for `/import`, and the base models of its architecture."""
+        method = METHODS.get(key)
+        if method is None:
+            return gr.skip(), gr.skip()
+        return key, gr.Dropdown(choices=[s.name for s in models_for(method.arch)],
+                                value=studio.default_models.get(method.arch))
+
+    import_method.change(choose_method, [import_method], [chosen_method, import_model], api_visibility="private",
+                         **cheap)
     do_import.click(import_package, [ws, upload, import_name, import_model, import_token, chosen_method],
                     listed + [upload],
                     api_name="import", concurrency_limit=2, show_progress_on=[upload])
