@@ -159,6 +159,9 @@ def test_the_app_trains_lists_mixes_and_imports_the_recipe(toy_studio, toy_packa
     gallery = client.predict(workspace, "toycat", 1.0, [], "A [c] on the beach", 0, 2, None, None, None, "",
                              api_name="/reembed")
     assert [item["caption"] for item in gallery] == ["A [c] on the beach"]
+    styled = client.predict(workspace, "toycat", 1.0, [], "A lighthouse in [s] style", 0, 2, None, None, None, "",
+                            api_name="/restyle")
+    assert len(styled) == 1
 
     # The library's import of a recipe's LoRA file.
     name = library.import_file(toy_package / "pytorch_lora_weights.safetensors", name="toyfile",

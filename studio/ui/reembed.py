@@ -16,6 +16,11 @@ def content_part(package) -> str:
     return package.part_for("reembed")
 
 
+def style_part(package) -> str:
+    """The part the package records for a style on any prompt."""
+    return package.part_for("style")
+
+
 def _column(studio: Studio, slot: str, title: str, templates: tuple[str, ...], example: str, gallery_label: str):
     """One half of the tab: a package, its scale, prompts, a button and the results."""
     placeholder = "[c]" if slot == "content" else "[s]"
@@ -76,7 +81,7 @@ def build(studio: Studio) -> None:
     def style_on_prompts(workspace_id, name, scale, templates, prompts, seed, steps, guidance, width, height,
                          negative_prompt, fast=False, progress=gr.Progress()):
         values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)
-        return run(workspace_id, name, lambda _: "style", scale, "style", templates, prompts, values, progress)
+        return run(workspace_id, name, style_part, scale, "style", templates, prompts, values, progress)
 
     reembed.click(subject_in_prompts, [ws, content, content_scale, content_templates, content_free] + settings,
                   [content_gallery], api_name="reembed", **GENERATE)
