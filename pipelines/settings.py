@@ -7,7 +7,8 @@ values against that metadata in place (numbers become plain ints and floats; boo
 refused with one line naming the setting), and the CLI and the Train form build their options from the same
 fields. Metadata keys, all optional:
 
-- `help`: one sentence for `--help` and the form;
+- `help`: one sentence for `--help` and the form (`{token_example}` and `{style_token_example}` become a token of
+  the kind the recipe derives, e.g. `[v42]`);
 - `label`: the noun error messages use ("learning rate"); `form_label`: the form's label ("Learning rate");
 - `min`, `max`, `above_min` (the minimum itself excluded): the range of a number;
 - `choices`: the values a setting may take;

@@ -126,7 +126,7 @@ class RunRequest:
                                    flag="--lr", help="learning rate")
     resolution: int | None = setting(None, min=64, max=4096, label="resolution",
                                      help="training size (default: the model's)")
-    token: str | None = setting(None, help="trigger token (default: one derived from the image, e.g. [v42])",
+    token: str | None = setting(None, help="trigger token (default: one derived from the image, e.g. {token_example})",
                                 form_label="Trigger token")
     seed: int = setting(0, min=0, max=MAX_SEED, label="seed")
     checkpoint_every: int = setting(250, min=0, max=MAX_STEPS, label="checkpoint interval")

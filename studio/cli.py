@@ -345,17 +345,23 @@ def cmd_app(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------------
 
 
-def _add_setting_options(p: argparse.ArgumentParser, settings: type, arch: str) -> None:
+def _add_setting_options(p: argparse.ArgumentParser, spec) -> None:
     """One option per setting of a recipe's settings dataclass, from its fields' metadata (flag, help, type,
-    default, choices); `--model`'s help names the models of the recipe's architecture."""
+    default, choices); `--model`'s help names the models of the recipe's architecture, and `{token_example}` and
+    `{style_token_example}` in a help become tokens of the kind the recipe derives (`[v42]`, `[s42]`)."""
     from pipelines.models import architecture
     from pipelines.settings import setting_fields
     from studio.methods import models_for
 
-    for field in setting_fields(settings):
+    arch = spec.arch
+    examples = {"{token_example}": spec.token_format.format(number=42),
+                "{style_token_example}": (spec.style_token_format or spec.token_format).format(number=42)}
+    for field in setting_fields(spec.settings):
         if field.flag is None:
             continue
         help_text = field.help or None
+        for placeholder, example in examples.items():
+            help_text = help_text and help_text.replace(placeholder, example)
         if field.name == "model" and not field.help:
             names = ", ".join(spec.name for spec in models_for(arch))
             help_text = f"{names}, a Hub id or a local {architecture(arch).label} folder"
@@ -397,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods = train.add_subparsers(dest="method", required=True)
     for spec in all_recipes():
         recipe = methods.add_parser(spec.command, help=spec.cli_help or spec.label)
-        _add_setting_options(recipe, spec.settings, spec.arch)
+        _add_setting_options(recipe, spec)
         recipe.set_defaults(func=cmd_train, recipe=spec.key)
 
     gen = sub.add_parser("generate", help="generate with content and/or style adapters")

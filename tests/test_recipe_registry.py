@@ -49,6 +49,7 @@ def test_the_cli_offers_the_recipe_with_its_own_options(toy, capsys):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     assert "--template" in help_text and "a photo of {token}" in help_text and "dylora" in help_text
+    assert "e.g. [t42]" in " ".join(help_text.split())  # the token help names the toy's own kind of token
     # Its choices are checked by the option the metadata made, and its validate() by the CLI's one-line error.
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "toy", "--image", str(EXAMPLES / "cat.jpg"), "--out", "x", "--template", "{token}!"])

@@ -125,7 +125,8 @@ class SplitFluxRequest(RunRequest):
     learning_rate: float = like(RunRequest, "learning_rate", 1e-4)
     use_8bit_adam: bool | None = like(RunRequest, "use_8bit_adam", False, help=(
         "8-bit optimizer state (off unless given: the paper's Adam keeps 32-bit state)"))
-    style_token: str | None = setting(None, help="style trigger token (default: derived from the image, e.g. [s42])")
+    style_token: str | None = setting(
+        None, help="style trigger token (default: derived from the image, e.g. {style_token_example})")
     content_rank: int = setting(48, min=1, max=1024, label="content rank",
                                 help="rank of the gated content branch; the residual branch gets RANK minus this")
     target_modules: str | Sequence[str] = setting(DEFAULT_TARGETS, help=(
