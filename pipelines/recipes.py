@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from pipelines.errors import InvalidSetting
+from pipelines.errors import BlockStudioError, InvalidSetting
 from pipelines.package_info import USES, Composition
 from pipelines.settings import SettingField, check_value, setting_fields
 
@@ -268,7 +268,8 @@ def recipe_for(key: str) -> RecipeSpec:
     """The recipe registered as `key` (one line naming the others if there is none)."""
     recipes = load_builtin()
     if not isinstance(key, str) or key not in recipes:
-        raise ValueError(f"unknown method {key!r}; choose one of {', '.join(recipes)}")
+        raise BlockStudioError(f"unknown method {key!r}: this build has no such training method; choose one of "
+                               f"{', '.join(recipes)}")
     return recipes[key]
 
 

@@ -64,7 +64,7 @@ from studio.job_records import (  # noqa: F401 - the record store's names are th
     read_service,
 )
 from studio.library import CLAIMS, Library
-from studio.methods import METHODS, Method, check_model, method_for
+from studio.methods import Method, check_model, method_for
 from studio.workers import (
     Assignment,
     InProcessWorker,
@@ -654,7 +654,7 @@ class JobManager:
 
     def _run(self, record: JobRecord, token: CancelToken) -> None:
         """Train: the request values go to the worker, which calls the train function with them."""
-        method = METHODS[record.method]
+        method = method_for(record.method)
         workspace = Workspace(record.owner, self.home)
         settings = record.settings
         steps = int(settings["steps"])

@@ -168,3 +168,33 @@ def test_the_app_trains_lists_mixes_and_imports_the_recipe(toy_studio, toy_packa
     name = library.import_file(toy_package / "pytorch_lora_weights.safetensors", name="toyfile",
                                method=toy.KEY, model="tiny-sdxl")
     assert library.open(name).method == toy.KEY
+
+
+def test_a_queued_job_whose_recipe_is_gone_fails_in_one_line_and_the_next_job_runs(toy, tmp_path):
+    """A job queued for a recipe the server no longer has (a plugin removed before a restart) fails naming the
+    method, without a traceback's KeyError, and the worker goes on with the queue."""
+    from pipelines.recipes import register_recipe, unregister_recipe
+    from studio.jobs import JobManager
+    from studio.workspace import new_workspace_id
+
+    ran = []
+
+    def runner(method, request, **_):
+        ran.append(method.key)
+
+    queued = JobManager(tmp_path, start=False)
+    owner = new_workspace_id(tmp_path)
+    settings = dict(model="tiny-sdxl", steps=2, rank=4, learning_rate=1e-4)
+    lost = queued.submit(owner, image=EXAMPLES / "cat.jpg", method=toy.KEY, name="lost", **settings)
+    kept = queued.submit(owner, image=EXAMPLES / "cat.jpg", method="b-lora", name="kept", **settings)
+    unregister_recipe(toy.KEY)
+    jobs = JobManager(tmp_path, runner=runner)
+    try:
+        failed = jobs.wait(owner, lost.id)
+        assert failed.status == "failed"
+        assert f"unknown method {toy.KEY!r}" in failed.error and "KeyError" not in failed.error
+        assert "\n" not in failed.error
+        assert jobs.wait(owner, kept.id).status == "done" and ran == ["b-lora"]
+    finally:
+        jobs.close()
+        register_recipe(toy.SPEC)
