@@ -125,7 +125,7 @@ class RecipeSpec:
     def __reduce__(self):
         # Sent to another process (a ZeroGPU call, a job worker) by name: the receiver looks it up, importing
         # the module that registers it if need be.
-        return (_recipe_by_key, (self.key, self.module))
+        return (recipe_by_key, (self.key, self.module))
 
     # -- what studio/methods.py offered before: the same verbs, read from the spec ---------------------
 
@@ -278,7 +278,9 @@ def recipe_of(method: str | None) -> RecipeSpec | None:
     return load_builtin().get(method or "")
 
 
-def _recipe_by_key(key: str, module: str) -> RecipeSpec:
+def recipe_by_key(key: str, module: str) -> RecipeSpec:
+    """The recipe `key`, importing `module` (the one that registers it) first when this process lacks it: how a
+    worker process finds a recipe registered outside the built-ins."""
     if key not in load_builtin() and module:
         importlib.import_module(module)
     return recipe_for(key)

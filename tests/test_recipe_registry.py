@@ -198,3 +198,40 @@ def test_a_queued_job_whose_recipe_is_gone_fails_in_one_line_and_the_next_job_ru
     finally:
         jobs.close()
         register_recipe(toy.SPEC)
+
+
+def test_a_ray_worker_process_finds_a_recipe_outside_the_built_ins_by_its_module(toy, tmp_path):
+    """A worker process starts with the built-in recipes only; the job names the module that registers its recipe,
+    which the worker imports before training."""
+    import sys
+    import threading
+
+    from pipelines.recipes import RECIPES, register_recipe, unregister_recipe
+    from studio.ray_worker import _RemoteJob
+    from studio.workers import InProcessWorker
+
+    class Pipe:
+        def unload_lora_weights(self):
+            pass
+
+    trained = []
+    done = threading.Event()
+
+    def runner(method, request, **_):
+        trained.append(method.key)
+        done.set()
+
+    unregister_recipe(toy.KEY)
+    module = sys.modules.pop(toy.__name__)  # a fresh worker process has not imported it
+    try:
+        assert toy.KEY not in RECIPES
+        assignment = {"kind": "training", "method": toy.KEY, "model": "tiny-sdxl", "recipe_module": toy.__name__,
+                      "values": {"out": str(tmp_path / "pkg"), "image": "x.png"}}
+        job = _RemoteJob("j1", assignment, (EXAMPLES / "cat.jpg").read_bytes())
+        job.start(InProcessWorker(runner, load=lambda model: Pipe()))
+        assert done.wait(60) and trained == [toy.KEY]
+        assert toy.KEY in RECIPES
+    finally:
+        sys.modules[toy.__name__] = module
+        unregister_recipe(toy.KEY)  # the worker's import registered the module's second copy
+        register_recipe(toy.SPEC)
