@@ -97,6 +97,24 @@ def test_answers_are_read_as_the_official_parser_does(text, answer):
     assert LoRIDPrompts().extract(text) == answer
 
 
+@pytest.mark.parametrize("text, answer", [
+    ("--> $18.00 END", "18"), ("--> 50% END", "50"), ("--> x = 5. END", "5"), ("--> .5 END", "0.5"),
+    ("--> \\text{12} END", "12"), ("-->\n: 1 200 END", "1200"), ("--> 12.05 END", "12.05"), ("--> 7,5 END", "7,5"),
+])
+def test_answers_are_cleaned_up_as_the_official_parser_does(text, answer):
+    assert LoRIDPrompts().extract(text) == answer
+    assert LoRIDPrompts(clean_answers=False).extract(text) == text[3:-3].strip()
+
+
+def test_answers_written_differently_agree_in_the_loop():
+    scripts = {"q": {INTUITIVE: ["$18.00"], DEEP: ["18"], KNOWLEDGE: ["k"]}}
+    [outcome] = consistency_loop(ScriptedModel(scripts), ["q"], max_iterations=1)
+    assert outcome.resolved and outcome.answer == "18"
+    raw = LoRIDPrompts(clean_answers=False)
+    [outcome] = consistency_loop(ScriptedModel(scripts), ["q"], prompts=raw, max_iterations=1)
+    assert not outcome.resolved
+
+
 def test_prompts_missing_a_field_are_refused():
     with pytest.raises(AdapterError, match="knowledge"):
         LoRIDPrompts(deep="Q: {question}")

@@ -24,7 +24,8 @@ then the input, as LLaMA-Factory joins them) with the GSM8K answer format `ratio
 the response only; at inference temperature 1.5, top-p 0.9 for all three modules (`predict.sh`), and top-k 50,
 no repetition penalty, up to 1,024 new tokens (the defaults of LLaMA-Factory's `vllm_infer.py`, which the official
 code calls without overriding them); T = 20 (`max_iterations`). Answers are read as the official parser does:
-the text between `-->` and `END`, else the last number in the text.
+the text between `-->` and `END`, else the last number in the text, then cleaned up (`clean_answer`: "$18.00" and
+"18" are the same answer, in the agreement sets too).
 
 Choices left open by the code, each a parameter:
 - The official evaluation generates all T samples of every module first and finds the stopping iteration
@@ -120,7 +121,9 @@ class LoRIDPrompts:
     Templates hold `{question}`, `{knowledge}`, `{rationale}` and `{answer}` (filled by plain replacement, so
     braces inside a question are safe). The defaults are the official GSM8K prompts: the instruction, a newline
     (LLaMA-Factory's join of instruction and input), then the input; a chat template, if the student has one,
-    goes around them as the user's own. `answer_pattern` has one group, the answer inside a generated solution.
+    goes around them as the user's own. `answer_pattern` has one group, the answer inside a generated solution;
+    `clean_answers` applies `clean_answer` to what it finds (the official parser does; off, answers are compared as
+    written).
     """
 
     intuitive: str = "Please answer this MATH question step by step.\n{question}"
@@ -131,6 +134,7 @@ class LoRIDPrompts:
     solution: str = "{rationale}\n--> {answer} END"
     knowledge_separator: str = "\n"
     answer_pattern: str = r"-->\s*(.*?)\s*END"
+    clean_answers: bool = True
 
     def __post_init__(self) -> None:
         needs = {"intuitive": ("{question}",), "knowledge": ("{question}",), "deep": ("{question}", "{knowledge}"),
@@ -148,6 +152,8 @@ class LoRIDPrompts:
             raise AdapterError(f"LoRID answer_pattern is not a valid regular expression ({exc})") from None
         if groups != 1:
             raise AdapterError("LoRID answer_pattern must have exactly one group (the answer)")
+        if not isinstance(self.clean_answers, bool):
+            raise AdapterError("LoRID clean_answers must be true or false")
 
     def prompt(self, role: str, question: str, knowledge: str = "") -> str:
         """The prompt of module `role` for `question` (the deep reasoner's with `knowledge`)."""
@@ -169,12 +175,38 @@ class LoRIDPrompts:
         return self.prompt(role, question, self.knowledge_text(knowledge)), self.solution_text(rationale, answer)
 
     def extract(self, text: str) -> str:
-        """The answer in a generated solution: the pattern's group, else the last number, else ""."""
+        """The answer in a generated solution: the pattern's group, else the last number, else ""; then, with
+        `clean_answers`, the official parser's clean-up of it (`clean_answer`), so "$18.00" and "18" agree."""
         match = re.search(self.answer_pattern, text, re.DOTALL)
         if match:
-            return match.group(1).strip()
-        numbers = re.findall(r"-?\d*\.?\d+", text.replace(",", ""))
-        return numbers[-1] if numbers else ""
+            answer = match.group(1).strip()
+        else:
+            numbers = re.findall(r"-?\d*\.?\d+", text.replace(",", ""))
+            answer = numbers[-1] if numbers else ""
+        return clean_answer(answer) if self.clean_answers else answer
+
+
+def clean_answer(answer: str) -> str:
+    """The parts of the official parser's answer clean-up (`extract_answer` and `strip_string`) that concern plain
+    answers: line breaks and spaces removed, a leading ":" and trailing "." or "/" dropped, `\\text{...}` unwrapped,
+    dollar and percent signs removed, a short `x = ` in front dropped, trailing zeros after a decimal point cut
+    ("18.00" -> "18") and a leading "." given its 0. Its unit words, number words and LaTeX rewriting (fractions,
+    square roots, matrices) are not reproduced."""
+    text = re.sub(r"\n\s*", "", answer).strip()
+    if text.startswith(":"):
+        text = text[1:]
+    text = text.rstrip(".").rstrip("/").strip().rstrip(".")
+    text = re.sub(r"\\text\{(.*?)\}", r"\1", text)
+    for sign in ("\\$", "$", "\\%", "%"):
+        text = text.replace(sign, "")
+    if text.startswith("."):
+        text = "0" + text
+    sides = text.split("=")
+    if len(sides) == 2 and len(sides[0].strip()) <= 2:
+        text = sides[1]
+    text = re.sub(r"(\d+)\.0*([^\d])", r"\1\2", text)
+    text = re.sub(r"(\d+)\.0*$", r"\1", text)
+    return text.replace(" ", "")
 
 
 def _check_role(role: str) -> str:
