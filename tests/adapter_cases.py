@@ -105,6 +105,7 @@ CASES: dict[str, Case] = {
     # 16 and 32 input features cut into 3 chunks: the last chunk is zero-padded.
     "block-lora": Case({"rank": 3, "num_blocks": 3}),
     "miss": Case({"rank": 4}),
+    "explora": Case({"rank": 2, "unfrozen_blocks": [-1]}, model=tiny_stack, targets=STACK_LAYERS),
     "gs-lora": Case({"rank": 4, "lora_alpha": 2.0}),
     "relaxed-recursive": Case({"loops": 2, "rank": 4}, model=tiny_stack, targets=STACK_LAYERS),
 }

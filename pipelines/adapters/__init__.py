@@ -39,6 +39,14 @@ from pipelines.adapters.core import (
     unmerge,
 )
 from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
+from pipelines.adapters.explora import (
+    DinoHead,
+    ExPLoRABlock,
+    ExPLoRAConfig,
+    dino_loss,
+    ema_update,
+    update_center,
+)
 from pipelines.adapters.gs_lora import (
     GSLoRAConfig,
     GSLoRALinear,
@@ -78,6 +86,9 @@ __all__ = [
     "BlockLoRALinear",
     "DVLoRAConfig",
     "DVLoRALinear",
+    "DinoHead",
+    "ExPLoRABlock",
+    "ExPLoRAConfig",
     "GSLoRAConfig",
     "GSLoRALinear",
     "LoRAConfig",
@@ -103,7 +114,9 @@ __all__ = [
     "class_prototypes",
     "complementary_loss",
     "count_parameters",
+    "dino_loss",
     "disabled",
+    "ema_update",
     "forgetting_loss",
     "get_phase",
     "group_lasso",
@@ -130,5 +143,6 @@ __all__ = [
     "tied_parameter_count",
     "trainable_parameters",
     "unmerge",
+    "update_center",
     "visual_gate",
 ]

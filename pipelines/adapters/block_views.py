@@ -18,6 +18,22 @@ from pipelines.adapters.base import AdapterLayer
 from pipelines.adapters.core import AdapterError
 
 
+class BlockViewLayer(AdapterLayer):
+    """Stands in for a whole block and runs `view` (its own copy of the block) while it applies, the block
+    itself otherwise. Subclasses build `view` and set `title`; merging is refused."""
+
+    wraps_linear = False
+    title = "block"
+
+    def forward(self, *args, **kwargs):
+        if not self.applies:
+            return self.base_layer(*args, **kwargs)
+        return self.view(*args, **kwargs)
+
+    def merge(self) -> None:
+        raise AdapterError(f"{self.title} adapters cannot be merged into the weights")
+
+
 def block_view(block: nn.Module, parameters: dict[str, nn.Parameter] | None = None) -> nn.Module:
     """A copy of `block`'s modules whose parameters are `parameters` (by name; the block's own where absent)
     and whose buffers are the block's own: the structure is new, the tensors are shared."""

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipelines.adapters.base import AdapterLayer
 from pipelines.adapters.block_views import (
+    BlockViewLayer,
     block_view,
     check_plain_block,
     check_same_shape,
@@ -222,12 +222,12 @@ def svd_lora_init(residual: torch.Tensor, rank: int, lora_init: str = "svd") -> 
     return vh[:rank].clone(), (u[:, :rank] * s[:rank]).contiguous()
 
 
-class RelaxedRecursiveLayer(AdapterLayer):
+class RelaxedRecursiveLayer(BlockViewLayer):
     """Stands in for one original layer (depth `depth`) and runs `view`: the layer's structure over the shared
     block, with this depth's LoRA (and vector offsets). The shared tensors belong to the state of the first
     loop's layers only, so a saved adapter holds each of them once."""
 
-    wraps_linear = False
+    title = "Relaxed Recursive"
 
     def __init__(self, base_layer: nn.Module, config: RelaxedRecursiveConfig, adapter_name: str = "default", *,
                  depth: int = 0, shared: dict[str, nn.Parameter] | None = None, owner: bool = True,
@@ -263,14 +263,6 @@ class RelaxedRecursiveLayer(AdapterLayer):
         for name, tensor in super().adapter_named_tensors():
             if self.owner or id(tensor) not in self._shared_ids:
                 yield name, tensor
-
-    def forward(self, *args, **kwargs):
-        if not self.applies:
-            return self.base_layer(*args, **kwargs)
-        return self.view(*args, **kwargs)
-
-    def merge(self) -> None:
-        raise AdapterError("Relaxed Recursive adapters cannot be merged into the weights (the tying is the point)")
 
 
 RelaxedRecursiveConfig.layer_cls = RelaxedRecursiveLayer
