@@ -8,12 +8,16 @@ Verbs: `add_adapter`, `set_active`, `disabled`, `merge` / `unmerge`, `adapter_st
 to its config class, title, paper and the property its lab demo shows. Each method lives in one module of
 this package (config, layer, and the method's own losses or steps beside them) and registers itself there.
 
+DyLoRA (`sample_rank`, `set_rank`, `export_rank`, `truncate`) and SoRA (`sparsity_loss`, `gate_optimizer`,
+`live_ranks`, `export_pruned`, `prune`) bring their own training steps and ways out as plain LoRA adapters.
+
 The studio's own training layers are here too: LoRA, the rank-constrained and the visual-gated layers of
 SplitFlux. Their layers offer `export_lora` (standard LoRA factors with every scale folded into `lora_B`).
 """
 
 from pipelines.adapters.base import AdapterLayer, adapter_layers, inject_adapters, remove_adapters
 from pipelines.adapters.block_lora import BlockLoRAConfig, BlockLoRALinear, block_lora_parameter_count
+from pipelines.adapters.cbq import CBQConfig, CBQLinear, block_output_errors, cbq_calibrate
 from pipelines.adapters.core import (
     METHODS,
     AdapterConfig,
@@ -33,12 +37,14 @@ from pipelines.adapters.core import (
     read_adapter_config,
     register_method,
     remove_adapter,
+    replace_adapter,
     save_adapter,
     set_active,
     trainable_parameters,
     unmerge,
 )
 from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
+from pipelines.adapters.dylora import DyLoRAConfig, DyLoRALinear, export_rank, sample_rank, set_rank, truncate
 from pipelines.adapters.explora import (
     DinoHead,
     ExPLoRABlock,
@@ -62,7 +68,24 @@ from pipelines.adapters.gs_lora import (
     proximal_group_step,
 )
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
+from pipelines.adapters.lq_lora import (
+    LQLoRAConfig,
+    LQLoRALinear,
+    QuantFormat,
+    fisher_information,
+    lq_decompose,
+    lq_lora_report,
+    plan_lq_lora,
+)
 from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
+from pipelines.adapters.mixlora import (
+    MixLoRAConfig,
+    MixLoRALinear,
+    MixLoRAMoE,
+    mixlora_aux_loss,
+    mixlora_expert_loads,
+    mixlora_router_logits,
+)
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
 from pipelines.adapters.relaxed_recursive import (
     RelaxedRecursiveConfig,
@@ -70,38 +93,72 @@ from pipelines.adapters.relaxed_recursive import (
     repeated_layers,
     tied_parameter_count,
 )
+from pipelines.adapters.smora import SMoRAConfig, SMoRALinear, smora_rank_activations, smora_rank_bias
+from pipelines.adapters.sora import (
+    SoRAConfig,
+    SoRALinear,
+    SparseAdamW,
+    export_pruned,
+    factor_parameters,
+    gate_optimizer,
+    gate_parameters,
+    live_ranks,
+    proximal_step_,
+    prune,
+    sora_optimizer,
+    sparsifying_schedule,
+    sparsity_loss,
+)
 from pipelines.adapters.visual_gated import (
     VisualGatedConfig,
     VisualGatedLoRALinear,
     complementary_loss,
     visual_gate,
 )
+from pipelines.adapters.xlora import XLoRAConfig, XLoRALinear, xlora_experts, xlora_scalings
 
 __all__ = [
-    "METHODS",
     "AdapterConfig",
     "AdapterError",
     "AdapterLayer",
     "BlockLoRAConfig",
     "BlockLoRALinear",
+    "CBQConfig",
+    "CBQLinear",
+    "DinoHead",
     "DVLoRAConfig",
     "DVLoRALinear",
-    "DinoHead",
+    "DyLoRAConfig",
+    "DyLoRALinear",
     "ExPLoRABlock",
     "ExPLoRAConfig",
     "GSLoRAConfig",
     "GSLoRALinear",
     "LoRAConfig",
     "LoRALinear",
+    "LQLoRAConfig",
+    "LQLoRALinear",
+    "METHODS",
     "MethodInfo",
     "MissConfig",
     "MissLinear",
+    "MixLoRAConfig",
+    "MixLoRALinear",
+    "MixLoRAMoE",
+    "QuantFormat",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
     "RelaxedRecursiveConfig",
     "RelaxedRecursiveLayer",
+    "SMoRAConfig",
+    "SMoRALinear",
+    "SoRAConfig",
+    "SoRALinear",
+    "SparseAdamW",
     "VisualGatedConfig",
     "VisualGatedLoRALinear",
+    "XLoRAConfig",
+    "XLoRALinear",
     "active_adapters",
     "adapter_config",
     "adapter_layers",
@@ -109,7 +166,9 @@ __all__ = [
     "adapter_state_dict",
     "add_adapter",
     "block_lora_parameter_count",
+    "block_output_errors",
     "bounded_forget_loss",
+    "cbq_calibrate",
     "check_forget_classes",
     "class_prototypes",
     "complementary_loss",
@@ -117,32 +176,58 @@ __all__ = [
     "dino_loss",
     "disabled",
     "ema_update",
+    "export_pruned",
+    "export_rank",
+    "factor_parameters",
+    "fisher_information",
     "forgetting_loss",
+    "gate_optimizer",
+    "gate_parameters",
     "get_phase",
     "group_lasso",
     "group_lasso_weight",
     "group_norms",
     "inject_adapters",
     "layers_of",
+    "live_ranks",
     "load_adapter",
     "load_adapter_state_dict",
     "lora_groups",
+    "lq_decompose",
+    "lq_lora_report",
     "merge",
     "miss_parameter_count",
+    "mixlora_aux_loss",
+    "mixlora_expert_loads",
+    "mixlora_router_logits",
     "phase_at_step",
+    "plan_lq_lora",
     "prototype_distance",
     "proximal_group_step",
+    "proximal_step_",
+    "prune",
     "read_adapter_config",
     "register_method",
     "remove_adapter",
     "remove_adapters",
     "repeated_layers",
+    "replace_adapter",
+    "sample_rank",
     "save_adapter",
     "set_active",
     "set_phase",
+    "set_rank",
+    "smora_rank_activations",
+    "smora_rank_bias",
+    "sora_optimizer",
+    "sparsifying_schedule",
+    "sparsity_loss",
     "tied_parameter_count",
     "trainable_parameters",
+    "truncate",
     "unmerge",
     "update_center",
     "visual_gate",
+    "xlora_experts",
+    "xlora_scalings",
 ]
