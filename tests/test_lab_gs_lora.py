@@ -27,7 +27,8 @@ def test_forgotten_classes_fall_below_the_rest_task_by_task(result):
 def test_each_task_reports_the_norm_of_every_blocks_group(result):
     norms = [[row[f"block {b}"] for b in range(4)] for row in result.tables["group norms"]]
     assert len(norms) == 2 and all(value >= 0 for row in norms for value in row)
-    assert set(result.figures) == {"accuracy_by_task", "class_accuracy", "group_norms", "training"}
+    assert set(result.figures) == {"accuracy_by_task", "class_accuracy", "group_norms", "update_norms", "training"}
+    assert all(result.metrics[f"update_norm_task{t}_block {b}"] > 0 for t in (1, 2) for b in range(4))
 
 
 @pytest.mark.parametrize("values, message", [
@@ -45,5 +46,5 @@ def test_the_panel_runs_its_quick_setting_through_the_app(studio_server):
     client, workspace = studio_server.session()
     outputs = run_panel(client, workspace, "gs-lora", GSLoRASettings.quick())
     assert record_of(outputs)["status"] == "done"
-    assert len(figures_of(outputs)) == 4
+    assert len(figures_of(outputs)) == 5
     assert any("accuracy on forgotten classes" in table["headers"] for table in tables_of(outputs))

@@ -261,14 +261,14 @@ def run(settings: ExPLoRASettings, progress: Progress) -> LabResult:
          "linear-probe accuracy": round(explora_on_target, 4),
          "trainable in pre-training": f"{trainable:,} ({trainable / total:.1%})"},
     ]
-    unfrozen = ", ".join(map(str, settings.unfrozen_blocks))
+    unfrozen = ", ".join("last" if i == -1 else str(i) for i in settings.unfrozen_blocks)
     figures = {
         "linear_probe": bar_plot(["source model, upright digits", f"source model, {settings.shift}",
                                   f"ExPLoRA, {settings.shift}"], [source_on_source, source_on_target,
                                                                   explora_on_target],
                                  title="Linear-probe accuracy with and without extended pre-training",
                                  xlabel="", ylabel="test accuracy"),
-        "trainable_fraction": bar_plot([f"ExPLoRA (block {unfrozen} + LoRA r={settings.rank})",
+        "trainable_fraction": bar_plot([f"ExPLoRA (block(s) {unfrozen} + LoRA r={settings.rank})",
                                         "full extended pre-training"], [trainable, total], logy=True,
                                        title="Parameters trained in the extended pre-training", xlabel="",
                                        ylabel="parameters"),
@@ -277,10 +277,10 @@ def run(settings: ExPLoRASettings, progress: Progress) -> LabResult:
     }
     summary = (
         f"A linear probe on the source ViT reaches {source_on_source:.0%} on upright digits but "
-        f"{source_on_target:.0%} on {settings.shift} digits. After {settings.pretrain_steps} steps of unlabelled "
-        f"extended pre-training with ExPLoRA (block {unfrozen} unfrozen, LoRA rank {settings.rank} on Q and V "
+        f"{source_on_target:.0%} on the digits under {settings.shift}. After {settings.pretrain_steps} steps of unlabelled "
+        f"extended pre-training with ExPLoRA (block(s) {unfrozen} unfrozen, LoRA rank {settings.rank} on Q and V "
         f"elsewhere: {trainable:,} of {total:,} parameters, {trainable / total:.1%}), the same probe reaches "
-        f"{explora_on_target:.0%} on the {settings.shift} digits."
+        f"{explora_on_target:.0%} there."
     )
     return LabResult(method="explora", summary=summary, metrics=metrics, tables={"linear probes": rows},
                      figures=figures, settings=settings.to_dict())

@@ -37,10 +37,11 @@ from pipelines.adapters import (
     group_lasso,
     group_lasso_weight,
     group_norms,
+    layers_of,
     proximal_group_step,
     trainable_parameters,
 )
-from pipelines.adapters.gs_lora import DISTANCES
+from pipelines.adapters.gs_lora import DISTANCES, block_of
 from pipelines.lab import Experiment, LabResult, LabSettings, LabSettingsError, Progress, register_experiment
 from pipelines.lab.data import LabData, digits
 from pipelines.lab.models import ImageClassifier, load_backbone, mlp_targets
@@ -147,6 +148,7 @@ def run(settings: GSLoRASettings, progress: Progress) -> LabResult:
     per_class = [_class_accuracy(model, test)]
     forgotten: set[int] = set()
     norms: list[dict[str, float]] = []
+    updates: list[dict[str, float]] = []
     curves: dict[str, list[float]] = {}
     for t, task in enumerate(tasks, start=1):
         kept = set(range(NUM_CLASSES)) - forgotten - set(task)
@@ -164,7 +166,19 @@ def run(settings: GSLoRASettings, progress: Progress) -> LabResult:
         forgotten |= set(task)
         per_class.append(_class_accuracy(model, test))
         norms.append(group_norms(model, name))
-    return _result(settings, tasks, per_class, norms, curves)
+        updates.append(update_norms(model, name))
+    return _result(settings, tasks, per_class, norms, updates, curves)
+
+
+@torch.no_grad()
+def update_norms(model: nn.Module, name: str) -> dict[str, float]:
+    """{block: the Frobenius norm of the weight change adapter `name` makes in it}: zero where the block is
+    unchanged, whatever its LoRA's A holds."""
+    squares: dict[str, float] = {}
+    for module, stack in layers_of(model, name).items():
+        block = block_of(module)
+        squares[block] = squares.get(block, 0.0) + float(stack[0].get_delta_weight().float().pow(2).sum())
+    return {block: math.sqrt(value) for block, value in squares.items()}
 
 
 def _forget(model: ImageClassifier, name: str, remain: LabData, forget: LabData, prototypes: torch.Tensor | None,
@@ -199,7 +213,8 @@ def _forget(model: ImageClassifier, name: str, remain: LabData, forget: LabData,
 
 
 def _result(settings: GSLoRASettings, tasks: list[tuple[int, ...]], per_class: list[list[float]],
-            norms: list[dict[str, float]], curves: dict[str, list[float]]) -> LabResult:
+            norms: list[dict[str, float]], updates: list[dict[str, float]],
+            curves: dict[str, list[float]]) -> LabResult:
     stages = ["before"] + [f"after task {t}" for t in range(1, len(tasks) + 1)]
     forgotten_acc, kept_acc, rows, metrics = [], [], [], {}
     forgotten: set[int] = set()
@@ -219,9 +234,11 @@ def _result(settings: GSLoRASettings, tasks: list[tuple[int, ...]], per_class: l
     matrix = [[task_norms[b] for b in blocks] for task_norms in norms]
     largest = max(max(row) for row in matrix) or 1.0
     zero = [[b for b in blocks if task_norms[b] <= 1e-3 * largest] for task_norms in norms]
-    for t, row in enumerate(matrix, start=1):
-        for b, value in zip(blocks, row, strict=True):
+    changes = [[task_updates[b] for b in blocks] for task_updates in updates]
+    for t, (row, change) in enumerate(zip(matrix, changes, strict=True), start=1):
+        for b, value, delta in zip(blocks, row, change, strict=True):
             metrics[f"group_norm_task{t}_{_short(b)}"] = value
+            metrics[f"update_norm_task{t}_{_short(b)}"] = delta
         metrics[f"zero_groups_task{t}"] = float(len(zero[t - 1]))
     metrics["final_forgotten_accuracy"], metrics["final_kept_accuracy"] = forgotten_acc[-1], kept_acc[-1]
     group_rows = [{"task": f"task {t}", **{_short(b): round(v, 5) for b, v in zip(blocks, row, strict=True)}}
@@ -237,8 +254,11 @@ def _result(settings: GSLoRASettings, tasks: list[tuple[int, ...]], per_class: l
                                   colorbar_label="accuracy"),
         "group_norms": heatmap(matrix, row_labels=[f"task {t}" for t in range(1, len(tasks) + 1)],
                                col_labels=[_short(b) for b in blocks], colorbar_label="||theta_g||",
-                               title="Group norm of each block's LoRA (0: block unchanged)", xlabel="block",
-                               ylabel=""),
+                               title="Group norm of each block's LoRA (A and B)", xlabel="block", ylabel=""),
+        "update_norms": heatmap(changes, row_labels=[f"task {t}" for t in range(1, len(tasks) + 1)],
+                                col_labels=[_short(b) for b in blocks], colorbar_label="||delta W||_F",
+                                title="How much each task changed each block's weights (0: unchanged)",
+                                xlabel="block", ylabel=""),
         "training": line_plot(curves, markers=False, title="Forgetting loss per step", xlabel="step",
                               ylabel="total loss"),
     }
