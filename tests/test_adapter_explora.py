@@ -36,7 +36,8 @@ def test_the_last_block_trains_in_full_and_the_others_through_lora_on_q_and_v():
     assert unfrozen.unfrozen and not any(block.unfrozen for block in lora_blocks)
     block_size = sum(p.numel() for p in TinyBlock().parameters())
     lora = 3 * 2 * (2 * (16 + 16))  # three blocks, q and v, rank 2 on 16 -> 16
-    assert count_parameters(model, "ex") == block_size + lora
+    norms = 3 * 2 * (16 + 16)  # three blocks, two LayerNorms (weight and bias)
+    assert count_parameters(model, "ex") == block_size + lora + norms
     trained = {id(p) for p in trainable_parameters(model, "ex")}
     assert {id(p) for p in unfrozen.view.parameters()} <= trained
     for block in lora_blocks:
@@ -44,8 +45,19 @@ def test_the_last_block_trains_in_full_and_the_others_through_lora_on_q_and_v():
         assert not isinstance(block.view.fc1, LoRALinear)
         # The LoRA blocks run the model's own frozen weights: nothing is copied.
         assert block.view.fc1.weight is block.base_layer.fc1.weight
+        # Their norms train as copies (the paper's "all normalization layers").
+        assert block.view.norm1.weight is not block.base_layer.norm1.weight
+        assert torch.equal(block.view.norm1.weight, block.base_layer.norm1.weight)
+        assert id(block.view.norm2.bias) in trained
         assert block.view.q_proj.original_module().weight is block.base_layer.q_proj.weight
     assert not any(p.requires_grad for p in model.parameters() if id(p) not in trained)
+
+
+def test_norms_can_stay_frozen():
+    model = _explora(unfreeze_norms=False)
+    block_size = sum(p.numel() for p in TinyBlock().parameters())
+    assert count_parameters(model, "ex") == block_size + 3 * 2 * (2 * (16 + 16))
+    assert model.layers[0].view.norm1.weight is model.layers[0].base_layer.norm1.weight
 
 
 def test_a_new_adapter_changes_nothing_and_training_leaves_the_source_blocks_untouched():
@@ -107,6 +119,7 @@ def test_the_teacher_follows_the_student_by_ema_and_the_head_keeps_a_unit_last_l
 @pytest.mark.parametrize("options, field", [
     ({"rank": 0}, "rank"), ({"scale": -1.0}, "scale"), ({"unfrozen_blocks": [True]}, "unfrozen_blocks"),
     ({"unfrozen_blocks": "last"}, "unfrozen_blocks"), ({"lora_modules": [""]}, "lora_modules"),
+    ({"unfreeze_norms": 1}, "unfreeze_norms"),
 ])
 def test_bad_settings_are_refused_naming_the_field(options, field):
     with pytest.raises(AdapterError, match=f"ExPLoRA {field}"):

@@ -21,11 +21,12 @@ def test_extended_pretraining_raises_the_linear_probe_on_the_shifted_domain(resu
     assert m["explora_probe_on_target"] > m["source_probe_on_target"]
 
 
-def test_only_the_last_block_and_the_lora_train(result):
+def test_only_the_last_block_the_lora_and_the_norms_train(result):
     m = result.metrics
-    # One 64-wide block of the tiny ViT (MLP 128) in full, LoRA rank 8 on Q and V of the three others.
+    # One 64-wide block of the tiny ViT (MLP 128) in full, LoRA rank 8 on Q and V of the three others, their norms.
     block = 4 * (64 * 64 + 64) + (64 * 128 + 128) + (128 * 64 + 64) + 4 * 64
-    assert m["trainable_parameters"] == block + 3 * 2 * 8 * (64 + 64)
+    norms = 3 * 2 * (64 + 64)  # the two LayerNorms of each LoRA block
+    assert m["trainable_parameters"] == block + 3 * 2 * 8 * (64 + 64) + norms
     assert m["trainable_fraction"] == pytest.approx(m["trainable_parameters"] / m["backbone_parameters"])
     assert set(result.figures) == {"linear_probe", "trainable_fraction", "pretraining_loss"}
 

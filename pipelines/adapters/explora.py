@@ -19,7 +19,11 @@ the paper's method section could not be read; what this follows:
   models use (`q_proj`/`v_proj`, `query`/`value`); fused qkv projections are not split.
 - The LoRA is the lab's (`LoRALinear`: A Gaussian with std 1/r, B zero, factor `scale`, 1 by default); the
   paper's alpha was not found.
-- Everything outside the blocks (patch embedding, final norm) stays frozen.
+- `unfreeze_norms=True`: the LoRA blocks' normalisation layers train too. The first version of the paper
+  (arXiv 2406.10973v1) says ExPLoRA "only unfreezes 1-2 pre-trained ViT blocks and all normalization layers";
+  the later versions' abstracts no longer mention the norms, so it is a setting.
+- Everything outside the blocks (patch embedding, final norm) stays frozen; train the final norm yourself if
+  "all normalization layers" should include it.
 
 Each targeted block is wrapped whole (`wraps_linear = False`): an unfrozen block trains a copy of itself, a LoRA
 block runs a view of itself that shares its frozen weights and carries the LoRA on Q and V. The model's own
@@ -63,6 +67,9 @@ class ExPLoRAConfig(AdapterConfig):
     scale: float = field(default=1.0, metadata={"help": "the LoRA update's factor (not given in the paper)"})
     lora_modules: list[str] = field(default_factory=lambda: list(QV_NAMES), metadata={
         "help": "projections inside a block that get LoRA (suffixes): Q and V"})
+    unfreeze_norms: bool = field(default=True, metadata={
+        "help": "also train the normalisation layers of the LoRA blocks (the paper's first version: 'all "
+                "normalization layers')"})
 
     def validate(self) -> None:
         check_int("ExPLoRA", "rank", self.rank)
@@ -75,6 +82,8 @@ class ExPLoRAConfig(AdapterConfig):
             raise AdapterError("ExPLoRA unfrozen_blocks must be a list of block positions (whole numbers)")
         if not isinstance(self.lora_modules, list) or not all(isinstance(t, str) and t for t in self.lora_modules):
             raise AdapterError("ExPLoRA lora_modules must be a list of module names")
+        if not isinstance(self.unfreeze_norms, bool):
+            raise AdapterError(f"ExPLoRA unfreeze_norms must be true or false, not {self.unfreeze_norms!r}")
 
     def accepts(self, module: nn.Module) -> bool:
         return True
@@ -109,9 +118,15 @@ class ExPLoRAConfig(AdapterConfig):
         return modules
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's LayerNorm / GroupNorm / RMSNorm, or a model's own class named *Norm."""
+    return (isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
+            or type(module).__name__.lower().endswith("norm"))
+
+
 class ExPLoRABlock(BlockViewLayer):
     """One ViT block under ExPLoRA: `view` is a trainable copy of the block (`unfrozen`) or the block's frozen
-    weights with LoRA on its Q and V projections."""
+    weights with LoRA on its Q and V projections (and trainable copies of its norms' weights, `unfreeze_norms`)."""
 
     title = "ExPLoRA"
 
@@ -124,7 +139,9 @@ class ExPLoRABlock(BlockViewLayer):
             copies = {n: nn.Parameter(p.detach().clone()) for n, p in base_layer.named_parameters()}
             self.view = block_view(base_layer, copies)
         else:
-            view = block_view(base_layer)
+            norms = {n: nn.Parameter(p.detach().clone()) for n, p in base_layer.named_parameters()
+                     if config.unfreeze_norms and is_norm(base_layer.get_submodule(n.rpartition(".")[0]))}
+            view = block_view(base_layer, norms)
             lora = LoRAConfig(rank=config.rank, scale=config.scale)
             for module_name in linear_names(base_layer, config.lora_modules):
                 view = replace_module(view, module_name, LoRALinear(view.get_submodule(module_name), lora))
