@@ -31,6 +31,14 @@ def test_each_task_reports_the_norm_of_every_blocks_group(result):
     assert all(result.metrics[f"update_norm_task{t}_block {b}"] > 0 for t in (1, 2) for b in range(4))
 
 
+def test_gs_lora_plus_plus_forgets_with_its_prototype_term():
+    settings = settings_from_dict(GSLoRASettings, {**GSLoRASettings.quick().to_dict(), "forget_classes": [0],
+                                                   "prototypes": True})
+    m = run_experiment("gs-lora", settings).metrics
+    assert m["forgotten_accuracy_1"] < 0.5 * m["forgotten_accuracy_0"]
+    assert m["kept_accuracy_1"] > m["kept_accuracy_0"] - 0.1
+
+
 @pytest.mark.parametrize("values, message", [
     ({"forget_classes": [3, 12]}, r"^forget_classes: class 12 does not exist: the model has classes 0 to 9$"),
     ({"forget_classes": [2, 2]}, "named twice"),

@@ -63,7 +63,7 @@ class GSLoRASettings(LabSettings):
     sparsity: str = field(default="penalty", metadata={
         "help": "the group lasso as a loss term (official) or as a proximal step that zeroes groups exactly",
         "label": "Group sparsity", "choices": SPARSITY})
-    alpha: float = field(default=0.01, metadata={
+    alpha: float = field(default=0.02, metadata={
         "help": "group lasso weight after the warm-up", "label": "Group lasso weight", "min": 0.0, "max": 1000.0})
     warmup_steps: int = field(default=20, metadata={
         "help": "steps of each task without the group lasso (official: 20 epochs)", "label": "Warm-up steps",
