@@ -267,7 +267,10 @@ def _result(settings: GSLoRASettings, tasks: list[tuple[int, ...]], per_class: l
         f"the others. After {len(tasks)} forgetting task(s) ({'; '.join(', '.join(map(str, t)) for t in tasks)}), "
         f"the forgotten classes score {forgotten_acc[-1]:.0%} and the classes never forgotten {kept_acc[-1]:.0%}. "
         f"Groups at zero (under 0.1% of the largest norm): "
-        + "; ".join(f"task {t}: {', '.join(map(_short, z)) or 'none'}" for t, z in enumerate(zero, start=1)) + "."
+        + "; ".join(f"task {t}: {', '.join(map(_short, z)) or 'none'}" for t, z in enumerate(zero, start=1))
+        + ". The block each task changed least: "
+        + "; ".join(f"task {t}: {_short(blocks[row.index(min(row))])} ({min(row):.2f} against {max(row):.2f} for "
+                    f"the most)" for t, row in enumerate(changes, start=1)) + "."
     )
     if not math.isfinite(sum(metrics.values())):
         raise LabSettingsError("the forgetting diverged (a loss or norm is not finite); lower the learning rate")
