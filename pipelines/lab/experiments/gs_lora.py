@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from pipelines.adapters import (
@@ -244,11 +246,11 @@ def _result(settings: GSLoRASettings, tasks: list[tuple[int, ...]], per_class: l
     group_rows = [{"task": f"task {t}", **{_short(b): round(v, 5) for b, v in zip(blocks, row, strict=True)}}
                   for t, row in enumerate(matrix, start=1)]
     figures = {
-        "accuracy_by_task": line_plot(
+        "accuracy_by_task": _whole_ticks(line_plot(
             {"classes forgotten so far (before: all to be forgotten)": forgotten_acc,
              "classes never forgotten": kept_acc},
             x=list(range(len(stages))), ylim=(0.0, 1.05), title="Test accuracy task by task",
-            xlabel="forgetting tasks done", ylabel="accuracy"),
+            xlabel="forgetting tasks done", ylabel="accuracy")),
         "class_accuracy": heatmap(per_class, row_labels=stages, col_labels=[str(c) for c in range(NUM_CLASSES)],
                                   title="Accuracy of each digit class", xlabel="class", ylabel="",
                                   colorbar_label="accuracy"),
@@ -277,6 +279,11 @@ def _result(settings: GSLoRASettings, tasks: list[tuple[int, ...]], per_class: l
     return LabResult(method="gs-lora", summary=summary, metrics=metrics,
                      tables={"accuracy": rows, "group norms": group_rows}, figures=figures,
                      settings=settings.to_dict())
+
+
+def _whole_ticks(figure: Figure) -> Figure:
+    figure.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    return figure
 
 
 def _short(block: str) -> str:
