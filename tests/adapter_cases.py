@@ -61,4 +61,6 @@ CASES: dict[str, Case] = {
     # 16 and 32 input features cut into 3 chunks: the last chunk is zero-padded.
     "block-lora": Case({"rank": 3, "num_blocks": 3}),
     "miss": Case({"rank": 4}),
+    "mergevla": Case({"tasks": ["a", "b"], "router_k": 4}),
+    "markboard": Case({"bits": 3, "rank": 2}),
 }

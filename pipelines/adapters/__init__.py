@@ -40,6 +40,25 @@ from pipelines.adapters.core import (
 )
 from pipelines.adapters.dvlora import DVLoRAConfig, DVLoRALinear, get_phase, phase_at_step, set_phase
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
+from pipelines.adapters.markboard import (
+    MarkBoardConfig,
+    MarkBoardLinear,
+    decode_signature,
+    deobfuscate,
+    get_signature,
+    obfuscate,
+    set_signature,
+    trigger_labels,
+)
+from pipelines.adapters.mergevla import (
+    MergeVLAConfig,
+    MergeVLALinear,
+    mask_density,
+    merge_task_adapters,
+    merge_task_vectors,
+    route,
+    select_task,
+)
 from pipelines.adapters.miss import MissConfig, MissLinear, miss_parameter_count
 from pipelines.adapters.rca import RankConstrainedConfig, RankConstrainedLinear
 from pipelines.adapters.visual_gated import (
@@ -60,6 +79,10 @@ __all__ = [
     "DVLoRALinear",
     "LoRAConfig",
     "LoRALinear",
+    "MarkBoardConfig",
+    "MarkBoardLinear",
+    "MergeVLAConfig",
+    "MergeVLALinear",
     "MethodInfo",
     "MissConfig",
     "MissLinear",
@@ -76,23 +99,34 @@ __all__ = [
     "block_lora_parameter_count",
     "complementary_loss",
     "count_parameters",
+    "decode_signature",
+    "deobfuscate",
     "disabled",
     "get_phase",
+    "get_signature",
     "inject_adapters",
     "layers_of",
     "load_adapter",
     "load_adapter_state_dict",
+    "mask_density",
     "merge",
+    "merge_task_adapters",
+    "merge_task_vectors",
     "miss_parameter_count",
+    "obfuscate",
     "phase_at_step",
     "read_adapter_config",
     "register_method",
     "remove_adapter",
     "remove_adapters",
+    "route",
     "save_adapter",
+    "select_task",
     "set_active",
     "set_phase",
+    "set_signature",
     "trainable_parameters",
+    "trigger_labels",
     "unmerge",
     "visual_gate",
 ]
