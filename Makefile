@@ -36,9 +36,10 @@ browser: install
 lint: install
 	$(VENV)/bin/ruff check pipelines studio tests bench app.py
 
+# CPU check on the tiny models; on a CUDA GPU see bench/README.md (--model sdxl-random / flux-random).
 bench: install
-	$(PY) bench/bench_blora.py
-	$(PY) bench/bench_splitflux.py
+	OMP_NUM_THREADS=1 $(PY) bench/bench_blora.py --model tiny-sdxl --steps 20 --warmup 3 --repeats 2 --levers all --compile-backend aot_eager
+	OMP_NUM_THREADS=1 $(PY) bench/bench_splitflux.py --model tiny-flux --steps 10 --warmup 3 --repeats 1 --levers all --compile-backend aot_eager
 
 clean:
 	rm -rf $(VENV) .pytest_cache

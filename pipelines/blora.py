@@ -5,6 +5,12 @@ Frenkel et al., "Implicit Style-Content Separation using B-LoRA" (ECCV 2024). Lo
 both self- and cross-attention in every transformer layer, with the prompt `A [v]`, rank 64, AdamW at 5e-5
 and 1000 steps. After training, each block's half is an adapter of its own.
 
+The two blocks carry PEFT's LoRA by default, as the official recipe. With `adapter="dylora"` or `"sora"` they
+carry the rank adapters of `pipelines.adapters` instead: DyLoRA trains every rank from 1 to `rank` at once (a
+rank drawn per step from the run's generator), SoRA gates its ranks and prunes the zero gates. Both start at
+scale 1 at full rank (alpha = rank), as the LoRA does; their packages keep the trained factors, so
+`pipelines.rank_export` can write them again at another rank.
+
 The recipe below is data (blocks, projections, defaults) plus the functions the shared training loop calls.
 """
 
@@ -20,13 +26,23 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.images import to_pixels
-from pipelines.training import CachedLatents, RunRequest, TrainConfig, weight_dtype_for
+from pipelines.training import (
+    CachedLatents,
+    RunRequest,
+    TrainConfig,
+    gradient_checkpointing_for,
+    loop_options,
+    make_optimizer,
+    resolve_levers,
+    weight_dtype_for,
+)
 
 CONTENT_BLOCK = "up_blocks.0.attentions.0"
 STYLE_BLOCK = "up_blocks.0.attentions.1"
 BLOCKS = {"content": CONTENT_BLOCK, "style": STYLE_BLOCK}
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "blora"
+ADAPTER_TYPES = ("lora", "dylora", "sora")
 # Which part each use loads (adapter.json's `composition`): the content block's half for the subject, the style
 # block's half for the style (the paper's Sec. 4.3).
 COMPOSITION = {
@@ -46,6 +62,7 @@ class BLoRASettings:
     resolution: int = 1024
     projections: tuple[str, ...] = PROJECTIONS
     blocks: dict[str, str] = field(default_factory=lambda: dict(BLOCKS))
+    adapter: str = "lora"  # lora (PEFT, the official recipe), dylora or sora (pipelines.adapters)
 
     @property
     def prompt(self) -> str:
@@ -76,6 +93,58 @@ def target_modules(unet: torch.nn.Module, blocks: dict[str, str] | None = None,
     return names
 
 
+def add_blora_adapter(unet: torch.nn.Module, settings: BLoRASettings, seed: int) -> list[str]:
+    """Put the B-LoRA adapter on `unet` (any device, meta included); return the adapted module names.
+
+    Gaussian init and lora_alpha == r: down ~ N(0, 1/r), up = 0, scale 1, as the official code. The init draws
+    from `seed` on the CPU, so a run is reproducible from its seed alone.
+    """
+    from peft import LoraConfig
+
+    from pipelines.models import building_modules
+
+    names = target_modules(unet, settings.blocks, settings.projections)
+    with torch.random.fork_rng(devices=[]), building_modules():
+        torch.manual_seed(seed)
+        unet.add_adapter(
+            LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian", target_modules=names),
+            adapter_name=ADAPTER_NAME,
+        )
+    return names
+
+
+# The modules diffusers checkpoints one by one inside the up-blocks: each resnet, each transformer layer.
+_UP_BLOCK_UNITS = re.compile(r"\d+\.(resnets\.\d+|attentions\.\d+\.transformer_blocks\.\d+)")
+
+
+def checkpointing_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules gradient checkpointing recomputes: those of the up-blocks, where B-LoRA's backward pass runs
+    (from `up_blocks.0` to the output; the down-blocks and the mid-block get no gradient)."""
+    return [m for name, m in unet.up_blocks.named_modules() if _UP_BLOCK_UNITS.fullmatch(name)]
+
+
+def enable_backward_checkpointing(unet: torch.nn.Module) -> None:
+    """Gradient checkpointing on the up-blocks only: the blocks before them keep no activations anyway, since
+    nothing there needs a gradient, so checkpointing them would only add work."""
+    unet.enable_gradient_checkpointing()
+    for name, module in unet.named_modules():
+        if hasattr(module, "gradient_checkpointing") and not name.startswith("up_blocks."):
+            module.gradient_checkpointing = False
+
+
+def rank_adapter_config(adapter: str, rank: int, module_names: list[str]):
+    """The DyLoRA (ranks 1..rank) or SoRA (r_max = rank) config for B-LoRA's modules, at scale 1 at full rank."""
+    from pipelines.adapters import DyLoRAConfig, SoRAConfig
+    from pipelines.adapters.core import exact_targets
+
+    targets = exact_targets(module_names)
+    if adapter == "dylora":
+        return DyLoRAConfig(rank=rank, min_rank=1, alpha=float(rank), target_modules=targets)
+    if adapter == "sora":
+        return SoRAConfig(rank=rank, alpha=float(rank), target_modules=targets)
+    raise ValueError(f"adapter must be one of {', '.join(ADAPTER_TYPES)}, not {adapter!r}")
+
+
 def split_by_block(state_dict: dict[str, torch.Tensor], blocks: dict[str, str] | None = None
                    ) -> dict[str, dict[str, torch.Tensor]]:
     """Split an adapter state dict into {"content": ..., "style": ...} by block name."""
@@ -98,13 +167,13 @@ class BLoRARecipe:
         self.image = image
         self.settings = settings
         self.module_names: list[str] = []
+        self.adapter_config = None  # the rank adapter's config (DyLoRA, SoRA); None for PEFT's LoRA
 
     # -- loop interface -----------------------------------------------------------------------------
 
     def setup(self, accelerator, config: TrainConfig) -> None:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         device = accelerator.device
         weight_dtype = weight_dtype_for(accelerator.mixed_precision)
@@ -134,26 +203,49 @@ class BLoRARecipe:
         unet = self.unet
         unet.requires_grad_(False)
         unet.to(device, dtype=weight_dtype)
-        if ADAPTER_NAME not in getattr(unet, "peft_config", {}):
-            self.module_names = target_modules(unet, self.settings.blocks, self.settings.projections)
-            # Gaussian init and lora_alpha == r: down ~ N(0, 1/r), up = 0, scale 1, as the official code.
-            # The init draws from the seed, so a run is reproducible from its seed alone.
-            from pipelines.models import building_modules
-
-            with torch.random.fork_rng(devices=[]), building_modules():
-                torch.manual_seed(config.seed)
-                unet.add_adapter(
-                    LoraConfig(r=self.settings.rank, lora_alpha=self.settings.rank, init_lora_weights="gaussian",
-                               target_modules=self.module_names),
-                    adapter_name=ADAPTER_NAME,
-                )
-        unet.set_adapter(ADAPTER_NAME)
+        if self.settings.adapter != "lora":
+            self._add_rank_adapter(config.seed)
+        elif ADAPTER_NAME not in getattr(unet, "peft_config", {}):
+            self.module_names = add_blora_adapter(unet, self.settings, config.seed)
+        if self.settings.adapter == "lora":
+            unet.set_adapter(ADAPTER_NAME)
         cast_training_params(unet, torch.float32)
-        gradient_checkpointing = config.gradient_checkpointing
-        if gradient_checkpointing is None:
-            gradient_checkpointing = device.type == "cuda"
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        levers = resolve_levers(config, device)
+        if levers["channels_last"]:
+            unet.to(memory_format=torch.channels_last)
+        self.checkpointing = gradient_checkpointing_for(
+            config.gradient_checkpointing, device, lambda: self.step_cost(levers).memory_bytes(False))
+        if self.checkpointing:
+            enable_backward_checkpointing(unet)
+
+    def step_cost(self, levers: dict):
+        """The cost model's view of one step of this run (`pipelines/cost.py`)."""
+        from pipelines.cost import blora_step_cost
+
+        return blora_step_cost(resolution=self.settings.resolution, rank=self.settings.rank,
+                               optimizer="adamw8bit" if levers["use_8bit_adam"] else "adamw",
+                               unet_config=self.unet.config)
+
+    def _add_rank_adapter(self, seed: int) -> None:
+        from pipelines.adapters import adapter_names, add_adapter, remove_adapter
+
+        if ADAPTER_NAME in adapter_names(self.unet):  # left by a run that stopped before cleaning up
+            remove_adapter(self.unet, ADAPTER_NAME)
+        self.module_names = target_modules(self.unet, self.settings.blocks, self.settings.projections)
+        self.adapter_config = rank_adapter_config(self.settings.adapter, self.settings.rank, self.module_names)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            add_adapter(self.unet, self.adapter_config, ADAPTER_NAME)
+
+    def make_optimizer(self, params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device):
+        """The loop's AdamW; for SoRA one `SparseAdamW` whose gate group takes the proximal step."""
+        if self.settings.adapter != "sora":
+            return make_optimizer(params, config, device)
+        from pipelines.adapters import sora_optimizer
+
+        return sora_optimizer(self.unet, ADAPTER_NAME, lr=config.learning_rate,
+                              betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                              weight_decay=config.weight_decay)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
@@ -163,6 +255,10 @@ class BLoRARecipe:
 
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.device
+        if self.settings.adapter == "dylora":
+            from pipelines.adapters import sample_rank
+
+            sample_rank(self.unet, ADAPTER_NAME, generator)
         latents = self.latents.sample(generator)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         num_train = self.noise_scheduler.config.num_train_timesteps
@@ -181,16 +277,32 @@ class BLoRARecipe:
         else:
             target = noise
         loss = F.mse_loss(prediction.float(), target.float())
-        return loss, {"mse": float(loss.detach())}
+        if self.settings.adapter != "sora":
+            return loss, {"mse": float(loss.detach())}
+        from pipelines.adapters import sparsity_loss
+
+        penalty = sparsity_loss(self.unet, ADAPTER_NAME)
+        return loss + penalty, {"mse": float(loss.detach()), "l1": float(penalty.detach())}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained LoRA in PEFT key format without a prefix (`...to_q.lora_A.weight`), fp32."""
-        from peft import get_peft_model_state_dict
+        """The trained adapter, fp32: PEFT's LoRA in PEFT key format without a prefix (`...to_q.lora_A.weight`),
+        a rank adapter keyed as `pipelines.adapters` names it (`...to_q.lora_A`, `...to_q.lora_gate`)."""
+        if self.settings.adapter != "lora":
+            from pipelines.adapters import adapter_state_dict
 
-        state = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME)
+            state = adapter_state_dict(self.unet, ADAPTER_NAME)
+        else:
+            from peft import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME)
         return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.settings.adapter != "lora":
+            from pipelines.adapters import load_adapter_state_dict
+
+            load_adapter_state_dict(self.unet, state_dict, ADAPTER_NAME)
+            return
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(self.unet, state_dict, adapter_name=ADAPTER_NAME)
@@ -203,6 +315,12 @@ class BLoRARecipe:
     def remove_adapter(self) -> None:
         """Take the training adapter out of the UNet, leaving the base model as it was loaded."""
         self.unet.disable_gradient_checkpointing()
+        if self.settings.adapter != "lora":
+            from pipelines.adapters import adapter_names, remove_adapter
+
+            if ADAPTER_NAME in adapter_names(self.unet):
+                remove_adapter(self.unet, ADAPTER_NAME)
+            return
         self.unet.delete_adapters(ADAPTER_NAME)
         if not getattr(self.unet, "peft_config", None):
             self.unet.unload_lora()  # also drop PEFT's empty wrappers
@@ -217,6 +335,7 @@ class TrainRequest(RunRequest):
 
     model: str = "sdxl"
     learning_rate: float = 5e-5  # resolution None: 1024 for SDXL, 64 for tiny-sdxl; token None: e.g. [v42]
+    adapter: str = "lora"  # lora, dylora (every rank 1..rank in one run) or sora (gated ranks, pruned)
 
 
 def prepare_request(request: TrainRequest):
@@ -236,6 +355,10 @@ def prepare_request(request: TrainRequest):
     out = check_writable_target(request.out, force=request.force)
     check_name(out.name)
     check_resume(work_dir_for(out), request.resume)
+    if request.adapter not in ADAPTER_TYPES:
+        raise ValueError(f"adapter must be one of {', '.join(ADAPTER_TYPES)}, not {request.adapter!r}")
+    if request.adapter == "sora" and request.use_8bit_adam:
+        raise ValueError("SoRA trains with its own optimiser (the gates' proximal step); leave 8-bit Adam off")
     resolution = request.resolution or spec.resolution
     if resolution % 8 or resolution < 64 or resolution > 4096:
         raise ValueError(f"resolution must be a multiple of 8 between 64 and 4096, not {resolution}")
@@ -261,15 +384,15 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
     from pipelines.training import discard_if_unused, prepare_work_dir, train
 
     spec, crop, token, out, work, resolution, fingerprint = prepare_request(request)
-    settings = BLoRASettings(token=token, rank=request.rank, resolution=resolution)
+    settings = BLoRASettings(token=token, rank=request.rank, resolution=resolution, adapter=request.adapter)
     job = {"method": "b-lora", "image_sha256": fingerprint, "token": token, "rank": request.rank,
            "resolution": resolution, "model": spec.name, "seed": request.seed}
+    if request.adapter != "lora":  # (not in a LoRA run's job, whose unfinished runs stay resumable as they were)
+        job["adapter"] = request.adapter
 
     config = default_train_config(
         steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
-        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every,
-        mixed_precision=request.mixed_precision, gradient_checkpointing=request.gradient_checkpointing,
-        use_8bit_adam=request.use_8bit_adam,
+        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every, **loop_options(request),
     )
     if pipe is None:
         pipe = load_pipeline(request.model)
@@ -282,11 +405,29 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
             on_sample(step, preview_image(pipe, settings.prompt, resolution, sample_steps, request.seed, spec))
 
     with discard_if_unused(work):
-        result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
-                       on_sample=preview if on_sample else None, cancel=cancel)
+        try:
+            result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
+                           on_sample=preview if on_sample else None, cancel=cancel,
+                           max_steps_this_call=request.max_steps_this_call)
+        except BaseException:
+            if request.adapter != "lora":  # the next run on this pipeline needs the bare UNet
+                recipe.remove_adapter()
+            raise
     full = recipe.adapter_state_dict()
+    trained, adapter = {}, None
+    if request.adapter != "lora":
+        from pipelines.rank_export import adapter_info, group_by_module, lora_state, part_ranks
+
+        trained = {request.adapter: full}
+        modules = group_by_module(full)
+        full = lora_state(recipe.adapter_config, modules)
     recipe.remove_adapter()
     parts = split_by_block(full, settings.blocks)
+    if trained:
+        if not all(parts.values()):
+            raise ValueError("every gate of one block went to zero: train with fewer steps or a lower threshold")
+        ranks = part_ranks(parts)
+        adapter = adapter_info(recipe.adapter_config, modules, max(ranks.values()))
     samples = {"input": crop}
     sample_prompts = {}
     if request.samples:
@@ -298,7 +439,8 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
             samples[stem] = sample_with_parts(pipe, {r: parts[r] for r in active}, prompt, resolution,
                                               sample_steps, request.seed, spec)
             sample_prompts[stem] = prompt
-    ranks = {role: request.rank for role in parts}
+    if adapter is None:
+        ranks = {role: request.rank for role in parts}
     info = {
         "method": "b-lora",
         "base_model": spec.name if spec.repo_id or spec.tiny else Path(spec.name).name,
@@ -309,7 +451,7 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
         "blocks": settings.blocks,
         "composition": COMPOSITION,
         "ranks": ranks,
-        "rank": request.rank,
+        "rank": adapter["rank"] if adapter else request.rank,
         "target_modules": list(settings.projections),
         "steps": result.steps,
         "learning_rate": request.learning_rate,
@@ -319,8 +461,10 @@ def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, canc
         "sample_prompts": sample_prompts,
         "final_loss": result.loss_history[-1] if result.loss_history else None,
     }
+    if adapter:
+        info["adapter"] = adapter
     contents = PackageContents(name=out.name, info=info, full=full, parts=parts, samples=samples,
-                               loss_history=result.loss_history)
+                               loss_history=result.loss_history, extra_files=trained)
     write_package(out, contents, replace=request.force)
     if not request.keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)

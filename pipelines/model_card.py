@@ -115,6 +115,8 @@ def render_model_card(info: dict) -> str:
         body += _composition_notes(uses, composition.get("optional", []))
     if method == "splitflux":
         body += _splitflux_notes(info)
+    if isinstance(info.get("adapter"), dict):
+        body += _rank_notes(info["adapter"], info.get("exported_from"))
     body += [
         "## Use with ComfyUI, A1111 or Forge",
         "",
@@ -140,6 +142,22 @@ def render_model_card(info: dict) -> str:
             body.append(f"| {key} | `{_cell(entry.get('value'))}` | {entry.get('decides', '')} |")
     body.append("")
     return "\n".join(lines + body)
+
+
+def _rank_notes(adapter: dict, exported_from: str | None) -> list[str]:
+    low, high = (adapter.get("rank_range") or ["?", "?"])[:2]
+    rank = adapter.get("rank", "?")
+    if adapter.get("type") == "dylora":
+        trained = f"Trained with DyLoRA over ranks {low}-{high} in one run; these files hold rank {rank}."
+    else:
+        trained = (f"Trained with SoRA at rank {adapter.get('max_rank', '?')}; its gates left at most {high} live "
+                   f"ranks per layer, and these files hold up to {rank}.")
+    if exported_from:
+        more = f"Exported from the package `{exported_from}`, which keeps the trained factors."
+    else:
+        more = (f"`{adapter.get('file')}` keeps the trained factors: `blockstudio export <this folder> --rank R "
+                f"--out <new folder>` writes the package at any rank from {low} to {high}.")
+    return ["## Rank", "", trained + " " + more, ""]
 
 
 DESCRIPTIONS = {

@@ -1,8 +1,10 @@
 """The model registry: short names, Hub ids and local folders, resolved to a diffusers folder and loaded.
 
 `sdxl`, `flux-dev` and `flux-schnell` load by Hub id; `tiny-sdxl` and `tiny-flux` are built locally from
-configs (see `pipelines/tiny.py`) and are the offline default. Any other Hub id or local diffusers folder
-works if its architecture is one the recipes know.
+configs (see `pipelines/tiny.py`) and are the offline default. `sdxl-random` and `flux-random` are the real
+architectures at full size with random weights, built locally for benchmarks (`pipelines/fullsize.py`); the
+studio never offers them. Any other Hub id or local diffusers folder works if its architecture is one the
+recipes know.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class ModelSpec:
     tiny: bool = False
     description: str = ""
     fast: int | None = None  # fewer inference steps for a quicker look ("fast"); None: the same as `steps`
+    random_weights: bool = False  # full-size architecture with random weights: benchmarks only, never offered
 
     @property
     def fast_steps(self) -> int:
@@ -86,6 +89,10 @@ REGISTRY: dict[str, ModelSpec] = {
                   description="random-weight SDXL topology for tests and offline trials"),
         ModelSpec("tiny-flux", "flux", None, 64, 4, 3.5, tiny=True,
                   description="random-weight Flux topology for tests and offline trials"),
+        ModelSpec("sdxl-random", "sdxl", None, 1024, 50, 5.0, fast=30, random_weights=True,
+                  description="SDXL-base 1.0 at full size, random weights (benchmarks)"),
+        ModelSpec("flux-random", "flux", None, 1024, 28, 3.5, random_weights=True,
+                  description="FLUX.1 [dev] at full size, random weights (benchmarks)"),
     )
 }
 
@@ -128,13 +135,18 @@ def resolve_model(name: str) -> ModelSpec:
 
 
 def model_path(name: str) -> Path:
-    """A local diffusers folder for `name`, building tiny models and using the Hub cache for the rest."""
+    """A local diffusers folder for `name`, building tiny and random-weight models and using the Hub cache for the rest."""
     spec = resolve_model(name)
     if spec.tiny:
         from pipelines.tiny import tiny_model_path
 
         with building_modules():  # a first use builds the model from its config
             return tiny_model_path(spec.name)
+    if spec.random_weights:
+        from pipelines.fullsize import fullsize_model_path
+
+        with building_modules():  # a first use builds the model from its config (minutes at full size)
+            return fullsize_model_path(spec.name)
     if spec.repo_id is None:
         return Path(spec.name)
     from huggingface_hub import snapshot_download

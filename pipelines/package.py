@@ -5,6 +5,7 @@
       content.safetensors, style.safetensors, ...   each part alone, diffusers format
       kohya/<name>.safetensors, kohya/<name>_<part>.safetensors   kohya/WebUI format for ComfyUI, A1111, Forge
       adapter.json                       method, base model, blocks, ranks, token, steps, seed, versions, files
+      dylora.safetensors or sora.safetensors   the trained factors of a rank adapter (see rank_export.py)
       README.md                          model card with Hub front matter
       samples/*.png                      previews; samples/input.png is the trained crop
 
@@ -88,11 +89,13 @@ class PackageContents:
     samples: dict[str, Image.Image] = field(default_factory=dict)  # file stem -> image
     loss_history: list[float] = field(default_factory=list)
     prefix: str = "unet"
+    # file stem -> tensors written as-is to `<stem>.safetensors` (the trained factors of a DyLoRA or SoRA adapter)
+    extra_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def _file_metadata(info: dict, part: str) -> dict[str, object]:
     keys = ("method", "base_model", "arch", "token", "prompt", "steps", "seed", "resolution", "blocks", "ranks",
-            "style_token", "style_prompt", "rca_alpha", "gate")
+            "adapter", "style_token", "style_prompt", "rca_alpha", "gate")
     meta = {f"blockstudio.{k}": info[k] for k in keys if k in info}
     meta["blockstudio.part"] = part
     meta["blockstudio.format_version"] = PACKAGE_FORMAT_VERSION
@@ -170,6 +173,10 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
             files[role] = f"{role}.safetensors"
             _write_kohya(staging / "kohya" / f"{name}_{role}.safetensors", info, role, state, prefix)
             files[f"kohya_{role}"] = f"kohya/{name}_{role}.safetensors"
+        for stem, tensors in contents.extra_files.items():
+            check_name(stem)
+            formats.write_safetensors(staging / f"{stem}.safetensors", tensors, _file_metadata(info, stem))
+            files[stem] = f"{stem}.safetensors"
         if contents.samples:
             (staging / "samples").mkdir()
             for stem, image in contents.samples.items():

@@ -94,7 +94,15 @@ from pipelines.checks import real_number, whole_number
 from pipelines.errors import BlockStudioError
 from pipelines.images import to_pixels
 from pipelines.models import building_modules
-from pipelines.training import CachedLatents, RunRequest, TrainConfig, weight_dtype_for
+from pipelines.training import (
+    CachedLatents,
+    RunRequest,
+    TrainConfig,
+    gradient_checkpointing_for,
+    loop_options,
+    resolve_levers,
+    weight_dtype_for,
+)
 
 NUM_SINGLE_BLOCKS = 38
 SINGLE_BLOCKS = "single_transformer_blocks"
@@ -352,6 +360,10 @@ def load_flux_pipeline(model: str, *, quantize_base: str = "none", device: torch
     from pipelines.models import load_pipeline
 
     check_quantization(quantize_base)
+    if quantize_base == "fp8" and device is None:
+        # Loaded on the CPU in bf16: the recipe casts the transformer to fp8 there and moves only that to the
+        # GPU, so a 24 GB card never holds FLUX.1's 24 GB bf16 transformer.
+        return load_pipeline(model, device="cpu", dtype=dtype or torch.bfloat16)
     if quantize_base != "nf4":
         return load_pipeline(model, device=device, dtype=dtype)
     from diffusers import BitsAndBytesConfig, DiffusionPipeline, FluxTransformer2DModel
@@ -522,20 +534,35 @@ class SplitFluxRecipe:
 
         transformer = self.transformer
         transformer.requires_grad_(False)
-        if not quantized:
-            transformer.to(device, dtype=weight_dtype)
-        if s.quantize_base == "fp8" and not getattr(transformer, "_blockstudio_fp8", False):
-            # Weights stored in fp8 and cast up per layer for compute; the adapters below stay in fp32.
+        fp8 = s.quantize_base == "fp8"
+        if fp8 and not getattr(transformer, "_blockstudio_fp8", False):
+            # Weights stored in fp8 and cast up per layer for compute; the adapters below stay in fp32. Cast
+            # where the weights are (a pipeline loaded on the CPU), so the bf16 transformer never has to fit on
+            # the GPU: FLUX.1's is 24 GB, 12 GB in fp8.
+            transformer.to(dtype=weight_dtype)
             transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
             transformer._blockstudio_fp8 = True
+        if not quantized:
+            transformer.to(device) if fp8 else transformer.to(device, dtype=weight_dtype)
         self.weight_dtype = weight_dtype
         latent_h, latent_w = self.latents.shape[-2:]
         self.img_ids = _latent_image_ids(latent_h // 2, latent_w // 2, device, weight_dtype)
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
 
         self.add_adapters(config.seed)
-        checkpointing = config.gradient_checkpointing
-        self.checkpointing = device.type == "cuda" if checkpointing is None else bool(checkpointing)
+        levers = resolve_levers(config, device)
+        self.checkpointing = gradient_checkpointing_for(
+            config.gradient_checkpointing, device, lambda: self.step_cost(levers).memory_bytes(False))
+
+    def step_cost(self, levers: dict):
+        """The cost model's view of one step of this run (`pipelines/cost.py`)."""
+        from pipelines.cost import splitflux_step_cost
+
+        s = self.settings
+        return splitflux_step_cost(resolution=s.resolution, settings=s, text_length=s.max_sequence_length,
+                                   base="bf16" if s.quantize_base == "none" else s.quantize_base,
+                                   optimizer="adamw8bit" if levers["use_8bit_adam"] else "adamw",
+                                   transformer_config=self.transformer.config)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.transformer
@@ -858,11 +885,10 @@ def optimizer_name(use_8bit_adam: bool) -> str:
 
 def train_config(request: SplitFluxRequest) -> TrainConfig:
     """The loop's settings for a request: the paper's Adam with 32-bit state unless 8-bit is asked for."""
+    options = {**loop_options(request), "use_8bit_adam": bool(request.use_8bit_adam)}
     return default_train_config(
         steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
-        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every,
-        mixed_precision=request.mixed_precision, gradient_checkpointing=request.gradient_checkpointing,
-        use_8bit_adam=bool(request.use_8bit_adam),
+        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every, **options,
     )
 
 
@@ -897,7 +923,8 @@ def train_splitflux(request: SplitFluxRequest, *, on_progress=None, on_sample=No
     try:
         with discard_if_unused(work):
             result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
-                           on_sample=preview if on_sample else None, cancel=cancel)
+                           on_sample=preview if on_sample else None, cancel=cancel,
+                           max_steps_this_call=request.max_steps_this_call)
         parts = recipe.export_parts()
     finally:
         recipe.remove_adapters()

@@ -51,13 +51,31 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
     With `replace` an older `path` stays in place until the new one is complete and is removed only after the
     swap; without it, a `path` that exists when the staging folder is complete is left alone and the write fails.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
+    staged = StagedDir(path, replace=replace)
     try:
-        yield staging
+        yield staged.staging
+        staged.commit()
+    finally:
+        staged.discard()
+
+
+class StagedDir:
+    """A folder built under a temporary name beside `path` and renamed into place by `commit()`.
+
+    What `atomic_dir` does, for a folder whose files arrive over several calls (a stream from another machine):
+    until `commit()` nothing is at `path`; `discard()` removes an unfinished staging folder.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, replace: bool = True) -> None:
+        self.path = Path(path)
+        self.replace = replace
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".staging", dir=self.path.parent))
+
+    def commit(self) -> Path:
+        path, staging = self.path, self.staging
         if path.exists() or path.is_symlink():
-            if not replace:
+            if not self.replace:
                 raise TargetExists(f"{path} appeared while it was being written; it was left as it is")
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.rmdir(old)
@@ -70,9 +88,11 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        return path
+
+    def discard(self) -> None:
+        if self.staging.exists():
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 class TargetExists(BlockStudioError):

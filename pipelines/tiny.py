@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -305,12 +306,17 @@ def tiny_model_path(name: str) -> Path:
     if name not in TINY_BUILDERS:
         raise KeyError(f"unknown tiny model {name!r}; choose from {sorted(TINY_BUILDERS)}")
     version, build = TINY_BUILDERS[name]
+    return built_model_folder(f"{name}-v{version}", build)
+
+
+def built_model_folder(folder_name: str, build: Callable[[Path], None]) -> Path:
+    """`$BLOCKSTUDIO_HOME/models/<folder_name>`, made by `build(staging)` and moved in whole on first use."""
     root = home_dir() / "models"
-    folder = root / f"{name}-v{version}"
+    folder = root / folder_name
     if (folder / "model_index.json").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}-", dir=root))
     try:
         build(tmp)
         try:

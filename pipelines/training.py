@@ -37,6 +37,16 @@ class TrainingCancelled(Exception):
     """Raised inside the loop when the cancel token is set; the last checkpoint is kept."""
 
 
+class TrainingPaused(TrainingCancelled):
+    """Raised when a call's share of steps (`max_steps_this_call`) is done: a checkpoint of the last step is
+    written and `resume=True` continues to exactly the weights of an uninterrupted run."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"training paused at step {step} of {total}")
+        self.step = step
+        self.total = total
+
+
 class TrainingDiverged(BlockStudioError):
     """The loss or the trained weights became NaN or infinite; nothing of the run is written as a package."""
 
@@ -76,10 +86,16 @@ class TrainConfig:
     checkpoint_every: int = 250
     checkpoints_to_keep: int = 1
     sample_every: int = 0  # 0: no previews during training
-    # None means "decide from the hardware": fp16/bf16 and checkpointing on a GPU, fp32 on a CPU.
+    # Speed and memory levers (see `LEVERS`). None means "decide from the hardware" (`resolve_levers`).
     mixed_precision: str | None = None
     gradient_checkpointing: bool | None = None
     use_8bit_adam: bool | None = None
+    attention: str | None = None
+    compile_blocks: bool | None = None
+    fused_adam: bool | None = None
+    tf32: bool | None = None
+    channels_last: bool | None = None
+    compile_backend: str = "inductor"  # torch.compile's backend for `compile_blocks`
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,9 +121,15 @@ class RunRequest:
     sample_every: int = 0  # previews during training; 0: none
     samples: bool = True  # sample images in the package
     sample_steps: int | None = None
-    mixed_precision: str | None = None  # None: decide from the hardware
+    mixed_precision: str | None = None  # None: decide from the hardware (each lever: see `LEVERS`)
     gradient_checkpointing: bool | None = None
     use_8bit_adam: bool | None = None
+    attention: str | None = None
+    compile_blocks: bool | None = None
+    fused_adam: bool | None = None
+    tf32: bool | None = None
+    channels_last: bool | None = None
+    max_steps_this_call: int | None = None  # stop (with a checkpoint) after this many steps; resume continues
     resume: bool = False
     restart: bool = False
     keep_checkpoints: bool = False
@@ -136,6 +158,7 @@ def check_run_request(request: RunRequest) -> None:
     if request.mixed_precision is not None:
         resolve_mixed_precision(request.mixed_precision, torch.device("cpu"))
     check_optimizer(request.use_8bit_adam)
+    loop_options(request)  # the speed levers and the steps per call
 
 
 def check_optimizer(use_8bit_adam: bool | None) -> None:
@@ -210,6 +233,9 @@ class Recipe(Protocol):
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
+    # Optional: `make_optimizer(params, config, device)` for a recipe whose adapter needs its own optimiser
+    # (SoRA's proximal gate step); without it the loop uses `make_optimizer` below.
+
 
 def resolve_mixed_precision(requested: str | None, device: torch.device) -> str:
     if requested is not None:
@@ -225,10 +251,146 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device):
+# -- speed and memory levers ---------------------------------------------------------------------------
+
+# Every lever is a TrainConfig field (and a RunRequest field, and a CLI flag). None lets `resolve_levers` pick
+# what helps on the hardware; the benchmarks measure each one on and off (bench/README.md).
+LEVERS = {
+    "mixed_precision": "bf16 (fp16 without bf16) frozen base, fp32 adapters and optimizer; 'no' is fp32 throughout",
+    "attention": "sdpa (PyTorch picks flash where it can), flash, efficient, math, or xformers",
+    "gradient_checkpointing": "recompute activations in the backward pass, only on the blocks it goes through; "
+                              "on a GPU, on when the cost model's memory estimate would not fit otherwise",
+    "compile_blocks": "torch.compile of the repeated transformer blocks (regional compilation)",
+    "fused_adam": "AdamW's fused kernel",
+    "tf32": "TensorFloat-32 for the float32 matrix products that remain (adapters, losses)",
+    "channels_last": "channels-last memory format for convolutional models (SDXL's UNet)",
+    "use_8bit_adam": "8-bit AdamW state (bitsandbytes, CUDA)",
+}
+ATTENTION_CHOICES = ("sdpa", "flash", "efficient", "math", "xformers")
+
+
+def resolve_levers(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Every lever's concrete value for `device`: the config's where it sets one, else what helps there.
+
+    On a CUDA GPU: bf16 (fp16 without bf16), SDPA, compiled blocks, fused AdamW, TF32 and channels-last; on a CPU
+    all off, fp32 and SDPA. Gradient checkpointing is left to the recipe (None), which knows its memory.
+    """
+    cuda = device.type == "cuda"
+    attention = config.attention or "sdpa"
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
+    if attention == "efficient" and not cuda:
+        raise ValueError("--attention efficient needs a CUDA GPU; use sdpa, flash or math here")
+    if attention == "xformers" and not _module_available("xformers"):
+        raise ValueError("--attention xformers needs the xformers package (pip install xformers)")
     use_8bit = config.use_8bit_adam
     if use_8bit is None:
-        use_8bit = device.type == "cuda" and _bitsandbytes_available()
+        use_8bit = cuda and _bitsandbytes_available()
+
+    def default(value: bool | None) -> bool:
+        return cuda if value is None else bool(value)
+
+    return {
+        "mixed_precision": resolve_mixed_precision(config.mixed_precision, device),
+        "attention": attention,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "compile_blocks": default(config.compile_blocks),
+        "fused_adam": default(config.fused_adam) and not use_8bit,
+        "tf32": default(config.tf32),
+        "channels_last": default(config.channels_last),
+        "use_8bit_adam": use_8bit,
+    }
+
+
+def loop_options(request: RunRequest) -> dict[str, Any]:
+    """The TrainConfig fields a request sets (its levers), checked before any model is loaded."""
+    options = {name: getattr(request, name) for name in LEVERS}
+    for name in ("gradient_checkpointing", "use_8bit_adam", "compile_blocks", "fused_adam", "tf32", "channels_last"):
+        if options[name] is not None and not isinstance(options[name], bool):
+            raise InvalidSetting(f"{name.replace('_', ' ')} must be on, off or unset, not {options[name]!r}")
+    if options["attention"] is not None and options["attention"] not in ATTENTION_CHOICES:
+        raise InvalidSetting(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {options['attention']!r}")
+    if options["mixed_precision"] is not None:
+        resolve_mixed_precision(options["mixed_precision"], torch.device("cpu"))
+    chunk = request.max_steps_this_call
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise InvalidSetting(f"steps per call must be a whole number of at least 1, not {chunk!r}")
+    return options
+
+
+def gradient_checkpointing_for(requested: bool | None, device: torch.device,
+                               memory_without: Callable[[], int], headroom: float = 0.8) -> bool:
+    """Checkpointing as asked, or on a CUDA GPU exactly when a step's estimated memory without it
+    (`memory_without()`, bytes) exceeds `headroom` of the card's memory; never by default on a CPU."""
+    if requested is not None:
+        return bool(requested)
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return memory_without() > headroom * total
+
+
+@contextlib.contextmanager
+def attention_kernels(attention: str) -> Iterator[None]:
+    """Restrict `F.scaled_dot_product_attention` to one kernel while a step runs ('sdpa': PyTorch chooses)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "math": SDPBackend.MATH}
+    if attention not in backends:
+        yield
+        return
+    with sdpa_kernel([backends[attention]]):
+        yield
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """TensorFloat-32 for float32 matrix products and convolutions while training; restored afterwards."""
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def use_xformers(module: torch.nn.Module) -> None:
+    """xformers' memory-efficient attention in a diffusers model."""
+    if hasattr(module, "set_attention_backend"):
+        try:
+            module.set_attention_backend("xformers")
+            return
+        except (ValueError, NotImplementedError):
+            pass
+    module.enable_xformers_memory_efficient_attention()
+
+
+def compile_repeated_blocks(module: torch.nn.Module, **options: Any) -> list[torch.nn.Module]:
+    """Regional compilation: `torch.compile` each repeated transformer block of a diffusers model (its class's
+    `_repeated_blocks`), so one compiled graph serves every block of a kind. Returns the compiled blocks."""
+    kinds = set(getattr(module, "_repeated_blocks", ()) or ())
+    blocks = [m for m in module.modules() if type(m).__name__ in kinds]
+    for block in blocks:
+        block.compile(**options)
+    return blocks
+
+
+def uncompile(blocks: list[torch.nn.Module]) -> None:
+    """Back to eager for blocks compiled by `compile_repeated_blocks` (the pipeline goes on to generate)."""
+    for block in blocks:
+        block._compiled_call_impl = None
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device):
+    levers = resolve_levers(config, device)
+    use_8bit = levers["use_8bit_adam"]
     kwargs = dict(
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -242,6 +404,8 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
+    if levers["fused_adam"]:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
 
@@ -453,24 +617,47 @@ def train(
     on_sample: Callable[[int], None] | None = None,
     cancel: CancelToken | None = None,
     accelerator: Any = None,
+    max_steps_this_call: int | None = None,
 ) -> TrainResult:
     """Train `recipe` for `config.steps` steps, checkpointing into `work_dir`.
 
     With `resume=True`, training continues from the newest checkpoint in `work_dir` (or starts fresh if
     there is none). Cancelling raises `TrainingCancelled` after writing a checkpoint of the last finished step.
+    With `max_steps_this_call`, at most that many steps run; if the run is not finished by then, a checkpoint
+    is written and `TrainingPaused` is raised, so that a series of calls, each resuming, trains in chunks
+    (a ZeroGPU Space's GPU exists only for the length of one call) to the weights of one uninterrupted run.
     """
     from accelerate import Accelerator
 
+    if max_steps_this_call is not None and max_steps_this_call < 1:
+        raise ValueError(f"steps per call must be at least 1, not {max_steps_this_call}")
     work_dir = Path(work_dir)
     if accelerator is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         mixed = resolve_mixed_precision(config.mixed_precision, torch.device(device_type))
         _allow_new_precision(mixed)
         accelerator = Accelerator(mixed_precision=mixed, cpu=device_type == "cpu")
+    levers = resolve_levers(config, accelerator.device)
     recipe.setup(accelerator, config)
     module = recipe.trainable_module()
+    if levers["attention"] == "xformers":
+        use_xformers(module)
+    compiled = compile_repeated_blocks(module, backend=config.compile_backend) if levers["compile_blocks"] else []
+    try:
+        with tf32_matmuls(levers["tf32"]), attention_kernels(levers["attention"]):
+            return _train_steps(recipe, config, work_dir, module, accelerator, resume=resume, on_progress=on_progress,
+                                on_checkpoint=on_checkpoint, on_sample=on_sample, cancel=cancel,
+                                max_steps_this_call=max_steps_this_call)
+    finally:
+        uncompile(compiled)
+
+
+def _train_steps(recipe: Recipe, config: TrainConfig, work_dir: Path, module: torch.nn.Module, accelerator: Any, *,
+                 resume: bool, on_progress, on_checkpoint, on_sample, cancel: CancelToken | None,
+                 max_steps_this_call: int | None) -> TrainResult:
     params = recipe.trainable_parameters()
-    optimizer = make_optimizer(params, config, accelerator.device)
+    build_optimizer = getattr(recipe, "make_optimizer", make_optimizer)
+    optimizer = build_optimizer(params, config, accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
 
     generator = torch.Generator("cpu").manual_seed(config.seed)
@@ -484,11 +671,14 @@ def train(
     started = time.perf_counter()
     last_saved = start_step
     step = start_step
+    stop_at = config.steps if max_steps_this_call is None else min(config.steps, start_step + max_steps_this_call)
     module.train()
     try:
         while step < config.steps:
             if cancel is not None and cancel.cancelled:
                 raise TrainingCancelled(f"training cancelled at step {step}")
+            if step >= stop_at:
+                raise TrainingPaused(step, config.steps)
             with accelerator.accumulate(module):
                 loss, terms = recipe.loss(generator)
                 if not torch.isfinite(loss):

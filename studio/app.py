@@ -16,6 +16,7 @@ import gradio as gr
 
 from pipelines.models import REGISTRY
 from pipelines.storage import home_dir
+from studio.gpu import on_zero_gpu
 from studio.jobs import JobManager
 from studio.methods import METHODS
 from studio.mixing import GenerationService
@@ -25,6 +26,7 @@ from studio.ui import reembed as reembed_tab
 from studio.ui import share as share_tab
 from studio.ui import train as train_tab
 from studio.ui.common import Studio, banner, picker_updates
+from studio.workers import worker_from_environment
 from studio.workspace import is_workspace_id, new_workspace_id, secret_file, workspaces_root
 
 MAX_UPLOAD = os.environ.get("BLOCKSTUDIO_MAX_UPLOAD", "1gb")  # a rank-64 SDXL package zip is about 500 MB
@@ -55,6 +57,7 @@ CSS = """
                 background: linear-gradient(90deg, #6366f1, #ec4899); }
 .bs-stats { display: flex; gap: 22px; flex-wrap: wrap; margin-top: 8px; font-variant-numeric: tabular-nums; }
 .bs-note { margin-top: 8px; color: var(--body-text-color-subdued); }
+.bs-ops { margin-top: 8px; font-size: 12px; }
 """
 
 
@@ -68,9 +71,22 @@ def default_models(gpu: bool) -> dict[str, str]:
     """Base model per architecture: SDXL and Flux on a GPU, the tiny ones elsewhere; BLOCKSTUDIO_MODEL overrides."""
     models = {"sdxl": "sdxl", "flux": "flux-dev"} if gpu else {"sdxl": "tiny-sdxl", "flux": "tiny-flux"}
     chosen = os.environ.get("BLOCKSTUDIO_MODEL")
-    if chosen in REGISTRY:
+    if chosen in REGISTRY and not REGISTRY[chosen].random_weights:
         models[REGISTRY[chosen].arch] = chosen
     return models
+
+
+def training_options() -> dict[str, Any]:
+    """Where jobs run: on a Ray cluster when BLOCKSTUDIO_RAY_ADDRESS is set (`studio/ray_worker.py`); else in the
+    server's process, in chunks of GPU calls on ZeroGPU (`studio/zerogpu.py`) and in one go elsewhere."""
+    worker = worker_from_environment()
+    if worker is not None:
+        return {"worker": worker}
+    if not on_zero_gpu():
+        return {}
+    from studio.zerogpu import ChunkedRunner
+
+    return {"runner": ChunkedRunner.from_environment()}
 
 
 def browser_secret(home: Path) -> str:
@@ -93,7 +109,7 @@ def build_app(home: Path | None = None, *, jobs: JobManager | None = None,
     hotswap_rank = int(os.environ.get("BLOCKSTUDIO_HOTSWAP_RANK", "128")) or None
     studio = Studio(
         home=home,
-        jobs=jobs or JobManager(home),
+        jobs=jobs or JobManager(home, **training_options()),
         generation=generation or GenerationService(hotswap_rank=hotswap_rank),
         gpu=gpu,
         default_models=default_models(gpu),

@@ -1,4 +1,4 @@
-"""`blockstudio` commands: train, generate, import, inspect, models, lab, app.
+"""`blockstudio` commands: train, generate, export, import, inspect, models, lab, jobs, app.
 
 Every command validates its input before loading a model, prints one-line errors (exit code 2) for bad
 input, and never leaves half-written files behind.
@@ -84,6 +84,8 @@ def _run_request_fields(args: argparse.Namespace) -> dict:
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, samples=not args.no_samples,
         sample_steps=args.sample_steps, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+        attention=args.attention, compile_blocks=args.compile_blocks, fused_adam=args.fused_adam, tf32=args.tf32,
+        channels_last=args.channels_last,
         resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints, force=args.force,
     )
 
@@ -91,7 +93,7 @@ def _run_request_fields(args: argparse.Namespace) -> dict:
 def cmd_train_blora(args: argparse.Namespace) -> int:
     from pipelines.blora import TrainRequest, train_blora
 
-    request = TrainRequest(**_run_request_fields(args))
+    request = TrainRequest(**_run_request_fields(args), adapter=args.adapter)
     return _run_training(lambda **kw: train_blora(request, **kw), args.out)
 
 
@@ -180,6 +182,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _pil_format(path: Path) -> str:
     return {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipelines.rank_export import export_package
+
+    path = export_package(args.package, args.rank, args.out, force=args.force)
+    print(f"package at rank {args.rank} written to {path}")
+    return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -283,6 +293,53 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """The job queue of a data folder, read from the records on disk (no server needed)."""
+    import json
+
+    from pipelines.storage import home_dir
+    from studio.job_records import operator_listing
+
+    home = Path(args.home).expanduser() if args.home else home_dir()
+    if not home.is_dir():
+        raise ValueError(f"{home} is not a folder; give the data folder the server uses (--home, or BLOCKSTUDIO_HOME)")
+    service, rows = operator_listing(home, everything=args.all)
+    if args.json:
+        print(json.dumps({"service": service, "jobs": rows}, indent=2, sort_keys=True))
+        return 0
+    print(_service_line(service))
+    running = sum(r["status"] in ("running", "cancelling") for r in rows)
+    waiting = sum(r["status"] == "queued" for r in rows)
+    print(f"jobs: {running} running, {waiting} waiting" + ("" if args.all else " (done ones: --all)"))
+    if not rows:
+        return 0
+    header = ("#", "JOB", "STATUS", "KIND", "METHOD", "MODEL", "NAME", "STEP", "WORKSPACE", "WORKER")
+    table = [header] + [(
+        str(r["position"]) if r["position"] is not None else "-", r["id"], r["status"], r["kind"], r["method"],
+        r["model"], r["name"] or "-", f"{r['step']}/{r['total']}", r["workspace"], r["worker"] or "-",
+    ) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _service_line(service: dict | None) -> str:
+    """Who serves the data folder's jobs, as far as the service file (and this machine's processes) tell."""
+    if service is None:
+        return "served by: no server has served this data folder yet"
+    facts = (f"{service['backend']}" + (f" at {service['address']}" if service.get("address") else "")
+             + f" · {service['workers']} worker(s) · {service['gpus']} GPU(s) · {service['slots']} at a time"
+             + (f" · {service['detail']}" if service.get("detail") else ""))
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(service["updated"]))
+    if service["state"] == "serving":
+        return f"served by: {facts} · pid {service['pid']} on {service['host']}, last seen {when}"
+    if service["state"] == "stopped":
+        return f"served by: nobody now (the last server, {facts}, stopped at {when})"
+    return (f"served by: nobody now (the last server, {facts}, pid {service['pid']}, ended without stopping; its "
+            "running jobs show as interrupted once a server starts)")
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from studio.app import launch
 
@@ -317,6 +374,19 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, 
     p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None,
                    help="8-bit optimizer state (B-LoRA: on by default on a GPU with bitsandbytes, as the official "
                         "command; SplitFlux: off unless given, the paper's Adam keeps 32-bit state)")
+    # Speed levers; left out, each is decided from the hardware (pipelines/training.py, LEVERS).
+    from pipelines.training import ATTENTION_CHOICES
+
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
+                   help="attention kernel (default sdpa: PyTorch picks flash where it can)")
+    p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the repeated transformer blocks (default: on a CUDA GPU)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdamW's fused kernel (default: on a CUDA GPU)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorFloat-32 matrix products (default: on a CUDA GPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format for the UNet (default: on a CUDA GPU)")
     _add_force_option(p, "an existing package (or a folder of other files) at --out")
 
 
@@ -364,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     blora = methods.add_parser("blora", help="B-LoRA on SDXL")
     blora.add_argument("--model", default="sdxl", help="sdxl, tiny-sdxl, a Hub id or a local SDXL folder")
     _add_training_options(blora, steps=1000, rank=64, lr=5e-5)
+    blora.add_argument("--adapter", choices=["lora", "dylora", "sora"], default="lora",
+                       help="lora (the official recipe); dylora: every rank 1..RANK in one run; sora: gated ranks, "
+                            "zero gates pruned (both export at another rank with `blockstudio export`)")
     blora.set_defaults(func=cmd_train_blora)
     splitflux = methods.add_parser("splitflux", help="SplitFlux on Flux (content and style single-stream blocks)")
     splitflux.add_argument("--model", default="flux-dev",
@@ -396,6 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force_option(gen, "an existing image file at --out")
     gen.set_defaults(func=cmd_generate)
 
+    export = sub.add_parser("export", help="write a DyLoRA or SoRA package again at another rank")
+    export.add_argument("package", help="a package trained with --adapter dylora or sora")
+    export.add_argument("--rank", type=int, required=True,
+                        help="DyLoRA: any rank in its range; SoRA: up to the live ranks its gates kept")
+    export.add_argument("--out", required=True, help="new folder for the package at that rank")
+    _add_force_option(export, "an existing package (or a folder of other files) at --out")
+    export.set_defaults(func=cmd_export)
+
     imp = sub.add_parser("import", help="import a LoRA made elsewhere into an adapter package")
     imp.add_argument("file", help="a .safetensors LoRA (official B-LoRA, diffusers, kohya)")
     imp.add_argument("--out", required=True)
@@ -426,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab_run.add_argument("--out", default=None, help="folder for the result: result.json and one PNG per figure")
     lab_run.set_defaults(func=cmd_lab)
 
+    jobs = sub.add_parser("jobs", help="list the training and lab jobs of a data folder (no server needed)")
+    jobs.add_argument("--home", default=None, help="the data folder (default: $BLOCKSTUDIO_HOME or ~/.cache/blockstudio)")
+    jobs.add_argument("--all", action="store_true", help="also the finished and discarded jobs")
+    jobs.add_argument("--json", action="store_true", help="print the service and the jobs as JSON")
+    jobs.set_defaults(func=cmd_jobs, loads_models=False)
+
     app = sub.add_parser("app", help="start the studio in the browser")
     app.add_argument("--host", default="127.0.0.1")
     app.add_argument("--port", type=int, default=7860)
@@ -437,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    if getattr(args, "loads_models", True):
+        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, KeyError, OverflowError) as exc:

@@ -1,10 +1,18 @@
-"""Training and lab jobs: a first-in first-out queue served by one worker (one job per GPU at a time), records on disk.
+"""Training and lab jobs: records on disk (the truth), a queue policy, and a worker that runs them.
 
 Each job has a JSON record in its owner's workspace (`jobs/<id>/job.json`) with its status, step, loss
-history, speed, ETA, previews, checkpoint and error, so the page can re-read it after a reload and the server
-finds it again after a restart. Cancelling sets the loop's `CancelToken`: training stops before the next step
-and keeps a checkpoint, from which the job resumes exactly. Jobs found running when the server starts were cut
-off by a crash; they become `interrupted` and resume from their last checkpoint.
+history, speed, ETA, previews, checkpoint, error, where it runs and when it joined the queue, so the page can
+re-read it after a reload, the server finds it again after a restart, and `blockstudio jobs` lists the queue
+with no server running. A cancel request is the status `cancelling` on disk; it sets the run's `CancelToken`:
+training stops before the next step and keeps a checkpoint, from which the job resumes exactly. Jobs found
+running when the server starts were cut off by a crash; they become `interrupted` and resume from their last
+checkpoint, as does a job whose worker process died.
+
+The queue is a policy (`QueuePolicy`): first in first out, at most a few active jobs per user, a bound on the
+jobs waiting in all, and as many running at once as the worker has slots (one job per GPU). The worker is a
+protocol (`studio.workers`): the in-process worker by default, or a Ray cluster (`studio.ray_worker`) when
+`BLOCKSTUDIO_RAY_ADDRESS` is set. The server's facts (backend, workers, GPUs, jobs running and waiting) are on
+the page and, for operators, in `jobs-service.json` of the data folder.
 
 A lab job (`kind="lab"`, queued by `submit_lab`) runs one adapter-lab experiment through the same queue, worker
 and per-user limit. Its record carries the run's fraction done, message, elapsed time and ETA; cancelling stops
@@ -16,16 +24,17 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
+import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,83 +47,75 @@ from pipelines.training import (
     CancelToken,
     CorruptCheckpoint,
     TrainingCancelled,
+    TrainingPaused,
     latest_checkpoint,
     verify_checkpoint,
     work_dir_for,
 )
+from studio.job_records import (  # noqa: F401 - the record store's names are the job service's too
+    ACTIVE,
+    RESUMABLE,
+    SERVICE_FILE,
+    STATUSES,
+    JobRecord,
+    operator_listing,
+    queue_order,
+    read_records,
+    read_service,
+)
 from studio.library import CLAIMS, Library
 from studio.methods import METHODS, Method, check_model, method_for
-from studio.workspace import Workspace, WorkspaceError, is_workspace_id, workspaces_root
+from studio.workers import (
+    Assignment,
+    InProcessWorker,
+    RemoteFailure,
+    Reports,
+    Worker,
+    WorkerFacts,
+    WorkerLost,
+)
+from studio.workspace import Workspace, WorkspaceError, is_workspace_id
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("queued", "running", "cancelling")
-RESUMABLE = ("cancelled", "failed", "interrupted")
-STATUSES = ACTIVE + RESUMABLE + ("done", "discarded")
 _JOB_ID_RE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 RECORD_WRITE_INTERVAL_S = 0.5  # a record is rewritten at most this often while training (and at every change of status)
 MAX_STEPS = 20_000
 MAX_QUEUED = 20  # jobs waiting in the whole server's queue; more would wait for hours
 UNSAVED_RETRY_S = 5.0
+HEARTBEAT_S = 30.0  # how often a serving manager rewrites its service file (and asks the worker for its facts)
 
 
 class JobError(BlockStudioError):
     """A job request that cannot be honoured (unknown job, wrong state, too many jobs)."""
 
 
-@dataclass
-class JobRecord:
-    id: str
-    owner: str
-    method: str
-    model: str
-    name: str  # the package it writes: <workspace>/packages/<name>
-    settings: dict[str, Any]
-    status: str = "queued"
-    step: int = 0
-    total: int = 0
-    losses: list[float] = field(default_factory=list)
-    it_s: float | None = None
-    eta_s: float | None = None
-    samples: list[str] = field(default_factory=list)  # file names under jobs/<id>/samples/
-    checkpoint_step: int | None = None
-    error: str | None = None
-    created: float = 0.0
-    started: float | None = None
-    finished: float | None = None
-    resumed_from: int | None = None
-    runs: int = 0
-    restart: bool = False  # the next run starts over: its checkpoint could not be read back
-    kind: str = "training"  # or "lab": an adapter-lab experiment (method names the lab method)
-    fraction: float = 0.0  # lab jobs: how far the run is, 0..1
-    message: str = ""  # lab jobs: what the run is doing now
-    elapsed_s: float | None = None  # lab jobs: seconds since the run started
-    result: str | None = None  # lab jobs: the result folder under the job's folder, once done
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE
-
-    @property
-    def resumable(self) -> bool:
-        return self.status in RESUMABLE
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def public_dict(self) -> dict[str, Any]:
-        """The record as a page may show it: without the owner, whose workspace id is a secret."""
-        data = self.to_dict()
-        del data["owner"]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
 Runner = Callable[..., Path]
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Who may queue a job and when it starts: first in first out; at most `per_owner` active jobs per user;
+    at most `max_waiting` jobs waiting in all; as many running at once as the worker has slots (one per GPU)."""
+
+    per_owner: int = 3
+    max_waiting: int = MAX_QUEUED
+
+    def check_room(self, owner_active: int, waiting: int) -> None:
+        if owner_active >= self.per_owner:
+            raise JobError(f"you already have {owner_active} jobs queued or running; wait for one or cancel it")
+        if waiting >= self.max_waiting:
+            raise JobError(f"the training queue is full ({waiting} jobs waiting); try again when it has moved on")
+
+    @staticmethod
+    def can_start(running: int, slots: int) -> bool:
+        return running < max(slots, 1)
+
+    @staticmethod
+    def ahead(index: int, running: int, slots: int) -> int:
+        """How many jobs run or wait before the `index`-th waiting one: those before it in the queue, and, when
+        every slot is taken, the running jobs one of which must end first."""
+        return index + max(0, running - max(slots, 1) + 1)
 
 
 def run_training(method: Method, request: Any, **callbacks: Any) -> Path:
@@ -134,6 +135,8 @@ def failure_message(exc: BaseException, what: str = "training") -> str:
     `what` names the work that stopped ("training", "the experiment")."""
     if isinstance(exc, BlockStudioError):
         return one_line(exc)
+    if isinstance(exc, RemoteFailure):  # made where it failed, by this function
+        return str(exc)[:500]
     if is_disk_full(exc):
         return (f"the server's disk is full, so {what} stopped; free some space (or ask the admin to), then "
                 "resume: it continues from its last checkpoint")
@@ -144,28 +147,40 @@ def failure_message(exc: BaseException, what: str = "training") -> str:
 
 
 class JobManager:
-    """The process-wide training service: a FIFO queue, one worker thread, records on disk."""
+    """The process-wide job service: records on disk, a FIFO queue under a `QueuePolicy`, and a `Worker` that runs
+    the jobs (the in-process worker unless one is given: `worker=RayWorker(...)`).
 
-    def __init__(self, home: Path | None = None, *, runner: Runner = run_training, max_active_per_owner: int = 3,
-                 max_queued: int = MAX_QUEUED, start: bool = True) -> None:
+    A dispatcher thread (`_thread`) starts queued jobs while the worker has a free slot, each on a thread of its
+    own that waits for its run to end. `runner` replaces the train function of the in-process worker.
+    """
+
+    def __init__(self, home: Path | None = None, *, runner: Runner = run_training, worker: Worker | None = None,
+                 max_active_per_owner: int = 3, max_queued: int = MAX_QUEUED, start: bool = True) -> None:
         self.home = Path(home) if home is not None else home_dir()
-        self.max_active_per_owner = max_active_per_owner
-        self.max_queued = max_queued
-        self._runner = runner
+        self.policy = QueuePolicy(max_active_per_owner, max_queued)
+        self.worker: Worker = worker or InProcessWorker(runner, load=lambda model: self._pipeline(model))
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._records: dict[str, JobRecord] = {}
         self._queue: deque[str] = deque()
-        self._running: str | None = None
+        self._running: dict[str, threading.Thread] = {}
         self._tokens: dict[str, CancelToken] = {}
-        self._pipes: dict[str, Any] = {}
         self._last_write: dict[str, float] = {}
         self._unsaved: set[str] = set()  # records whose last write failed
         self._stopping = False
+        self._served_since: float | None = None
         self._recover()
-        self._thread = threading.Thread(target=self._work, name="blockstudio-training", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="blockstudio-jobs", daemon=True)
         if start:
             self._thread.start()
+
+    @property
+    def max_active_per_owner(self) -> int:
+        return self.policy.per_owner
+
+    @property
+    def max_queued(self) -> int:
+        return self.policy.max_waiting
 
     # -- records on disk ---------------------------------------------------------------------------------
 
@@ -205,18 +220,8 @@ class JobManager:
 
     def _recover(self) -> None:
         """Load every record; running ones were cut off by a restart, queued ones wait again in order."""
-        root = workspaces_root(self.home)
-        found = []
-        for path in root.glob("*/jobs/*/job.json") if root.is_dir() else []:
-            try:
-                record = JobRecord.from_dict(json.loads(path.read_text()))
-            except (ValueError, TypeError):
-                log.warning("skipping unreadable job record %s", path)
-                continue
-            if not is_workspace_id(record.owner, self.home) or record.id != path.parent.name:
-                continue
-            found.append(record)
-        for record in sorted(found, key=lambda r: r.created):
+        found = read_records(self.home)
+        for record in found:
             self._records[record.id] = record
             if record.kind != "lab" and record.status in ACTIVE + RESUMABLE:
                 # The job owns its package name until it is done or discarded, as before the restart.
@@ -229,8 +234,7 @@ class JobManager:
                 self._note_checkpoint(record)
                 record.it_s = record.eta_s = None
                 self._save_or_log(record)
-            elif record.status == "queued":
-                self._queue.append(record.id)
+        self._queue.extend(record.id for record in queue_order(found))
 
     def _note_checkpoint(self, record: JobRecord) -> None:
         """Record the step a stopped job would resume from; a damaged checkpoint is named and the job starts over."""
@@ -289,11 +293,16 @@ class JobManager:
         with self._lock:
             if job_id not in self._queue:
                 return None
-            return list(self._queue).index(job_id) + (1 if self._running else 0)
+            return self.policy.ahead(list(self._queue).index(job_id), len(self._running), self.worker.facts().slots)
 
     def queue_length(self) -> int:
         with self._lock:
-            return len(self._queue) + (1 if self._running else 0)
+            return len(self._queue) + len(self._running)
+
+    def facts(self) -> JobFacts:
+        """Which backend serves, its workers and GPUs, and the jobs running and waiting now."""
+        with self._lock:
+            return JobFacts(self.worker.facts(), running=len(self._running), waiting=len(self._queue))
 
     def wait(self, owner: str, job_id: str, timeout: float = 300.0) -> JobRecord:
         """Block until the job leaves the queue and the worker (for scripts and tests)."""
@@ -309,7 +318,7 @@ class JobManager:
 
     def submit(self, owner: str, *, image: str | Path, method: str, model: str, name: str | None = None,
                steps: int, rank: int, learning_rate: float, seed: int = 0, sample_every: int = 0,
-               token: str | None = None, sample_steps: int | None = None) -> JobRecord:
+               token: str | None = None, sample_steps: int | None = None, adapter: str = "lora") -> JobRecord:
         """Check everything, copy the image into the job, and queue it. Errors name the field to fix.
 
         The package name is claimed here and stays the job's until it is done or discarded.
@@ -328,6 +337,8 @@ class JobManager:
         if sample_steps is not None:
             sample_steps = checks.whole_number(sample_steps, "preview steps", 1, 1000)
         token = check_token(token.strip()) if token and token.strip() else None
+        if adapter not in chosen.adapters:
+            raise JobError(f"{chosen.label} trains with {' or '.join(chosen.adapters)} adapters, not {adapter!r}")
         extras = chosen.extra_values(rank)
         # The job trains from its own copy (the upload cache may be emptied before a resume); encoding it
         # here keeps the lock, which every page's poll takes, free of image work.
@@ -348,7 +359,7 @@ class JobManager:
                 created=time.time(),
                 settings={"steps": steps, "rank": rank, "learning_rate": learning_rate, "seed": seed,
                           "sample_every": sample_every, "token": token, "sample_steps": sample_steps,
-                          "extras": extras},
+                          "extras": extras, "adapter": adapter},
             )
             try:
                 with atomic_file(self._job_dir(record) / "source.png") as tmp:
@@ -388,17 +399,13 @@ class JobManager:
 
     def _check_room(self, owner: str) -> None:
         """No user may fill the queue, nor all users together (the caller holds the lock)."""
-        mine = [r for r in self._records.values() if r.owner == owner and r.active]
-        if len(mine) >= self.max_active_per_owner:
-            raise JobError(f"you already have {len(mine)} jobs queued or running; wait for one or cancel it")
-        if len(self._queue) >= self.max_queued:
-            raise JobError(f"the training queue is full ({len(self._queue)} jobs waiting); try again when it has "
-                           "moved on")
+        mine = sum(1 for r in self._records.values() if r.owner == owner and r.active)
+        self.policy.check_room(mine, len(self._queue))
 
     def _enqueue(self, record: JobRecord, **changes: Any) -> JobRecord:
         """Queue a job with `changes` to its record, once the record is on disk (the caller holds the lock)."""
-        before = {key: getattr(record, key) for key in ("status", *changes)}
-        for key, value in {"status": "queued", **changes}.items():
+        before = {key: getattr(record, key) for key in ("status", "queued_at", *changes)}
+        for key, value in {"status": "queued", "queued_at": time.time(), **changes}.items():
             setattr(record, key, value)
         try:
             self._save(record)
@@ -435,7 +442,7 @@ class JobManager:
             if not record.resumable:
                 raise JobError(f"this job is {record.status}; only cancelled, failed or interrupted jobs resume")
             self._check_room(owner)
-            return self._enqueue(record, error=None, finished=None)
+            return self._enqueue(record, error=None, finished=None, paused_at=None)
 
     def discard(self, owner: str, job_id: str) -> None:
         """Forget a stopped job and delete its checkpoints (its name becomes free again)."""
@@ -465,51 +472,102 @@ class JobManager:
             for token in self._tokens.values():
                 token.cancel()
             self._wake.notify_all()
+        deadline = time.monotonic() + timeout
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._lock:
+            threads = list(self._running.values())
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.worker.close()
+        if self._served_since is not None:
+            self._write_service(stopped=True)
 
-    # -- the worker --------------------------------------------------------------------------------------
+    # -- the dispatcher ----------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        """Run queued jobs one by one. Nothing a job does (a bug, a full disk, a failed save) ends this loop."""
+        """Start queued jobs in order while the worker has a free slot. Nothing a job does (a bug, a full disk,
+        a failed save, a lost worker) ends this loop."""
+        self._served_since = time.time()
+        heartbeat = 0.0
         while True:
+            if time.monotonic() - heartbeat >= HEARTBEAT_S:
+                heartbeat = time.monotonic()
+                self._refresh_facts()  # may ask a cluster: outside the lock
             with self._wake:
-                while not self._queue and not self._stopping:
-                    self._wake.wait(timeout=UNSAVED_RETRY_S if self._unsaved else None)
-                    self._save_unsaved()
+                self._save_unsaved()
                 if self._stopping:
                     return
+                if not self._queue or not self.policy.can_start(len(self._running), self.worker.facts().slots):
+                    left = HEARTBEAT_S - (time.monotonic() - heartbeat)
+                    self._wake.wait(timeout=max(0.01, min(left, UNSAVED_RETRY_S if self._unsaved else left)))
+                    continue
                 job_id = self._queue.popleft()
                 record = self._records[job_id]
                 token = CancelToken()
                 self._tokens[job_id] = token
-                self._running = job_id
                 record.status = "running"
                 record.started = time.time()
                 record.runs += 1
                 record.it_s = record.eta_s = None
                 self._save_or_log(record)
-            outcome, error, damaged = self._attempt(record, token)
-            with self._lock:
-                try:
-                    self._finish(record, outcome, error, damaged)
-                except Exception:
-                    log.exception("could not record the end of training job %s", job_id)
-                finally:
-                    self._tokens.pop(job_id, None)
-                    self._running = None
+                thread = threading.Thread(target=self._serve, args=(record, token), name=f"blockstudio-job-{job_id}",
+                                          daemon=True)
+                self._running[job_id] = thread
+                thread.start()
+            self._write_service()
+
+    def _refresh_facts(self) -> None:
+        try:
+            self.worker.refresh()
+        except Exception as exc:  # the worker's own trouble must not stop the queue
+            log.warning("could not refresh the worker's facts (%s)", exc)
+        self._write_service()
+
+    def _write_service(self, stopped: bool = False) -> None:
+        """The service file of the data folder: who serves the jobs, for `blockstudio jobs` (and operators)."""
+        if self._stopping and not stopped:  # a job's thread ending after close() must not undo its "stopped"
+            return
+        facts = self.worker.facts()
+        data = {"backend": facts.backend, "address": facts.address, "slots": facts.slots, "workers": facts.workers,
+                "gpus": facts.gpus, "detail": facts.detail, "pid": os.getpid(), "host": socket.gethostname(),
+                "started": self._served_since, "updated": time.time(), "stopped": stopped}
+        try:
+            write_json(self.home / SERVICE_FILE, data)
+        except OSError as exc:
+            log.warning("could not write %s (%s)", SERVICE_FILE, exc)
+
+    def _serve(self, record: JobRecord, token: CancelToken) -> None:
+        """Run one job on its own thread and record its end."""
+        outcome, error, damaged = self._attempt(record, token)
+        with self._lock:
+            try:
+                self._finish(record, outcome, error, damaged)
+            except Exception:
+                log.exception("could not record the end of job %s", record.id)
+            finally:
+                self._tokens.pop(record.id, None)
+                self._running.pop(record.id, None)
+                self._wake.notify_all()
+        self._write_service()
 
     def _attempt(self, record: JobRecord, token: CancelToken) -> tuple[str, str | None, CorruptCheckpoint | None]:
         """Run one job; return its outcome, the line its record shows when it failed, and a damaged checkpoint."""
         try:
             (self._run_lab if record.kind == "lab" else self._run)(record, token)
             return "done", None, None
+        except TrainingPaused as exc:
+            # One chunk of a job trained in chunks: it goes to the back of the queue (`_finish`).
+            record.paused_at = exc.step
+            return ("interrupted" if self._stopping else "queued"), None, None
         except TrainingCancelled:
             return ("interrupted" if self._stopping else "cancelled"), None, None
+        except WorkerLost as exc:
+            return "interrupted", str(exc), None
         except CorruptCheckpoint as exc:
             return "failed", None, exc
         except Exception as exc:  # the page gets one line; the log gets the traceback of anything unexpected
-            if not isinstance(exc, BlockStudioError) and explain(exc) is None:
+            if not isinstance(exc, BlockStudioError | RemoteFailure) and explain(exc) is None:
                 log.exception("%s job %s failed", record.kind, record.id)
             return "failed", failure_message(exc, "the experiment" if record.kind == "lab" else "training"), None
 
@@ -517,7 +575,7 @@ class JobManager:
         """Write a job's end into its record (the caller holds the lock)."""
         record.status = outcome
         record.error = Workspace(record.owner, self.home).scrub(error) if error else None
-        record.finished = time.time()
+        record.finished = None if outcome == "queued" else time.time()
         record.eta_s = 0.0 if outcome == "done" else None
         if outcome == "done":
             record.checkpoint_step, record.restart = None, False
@@ -527,39 +585,36 @@ class JobManager:
             self._start_over(record, damaged)
         else:
             self._note_checkpoint(record)
+        if outcome == "queued":  # a paused chunk: other jobs run before its next one
+            record.queued_at = time.time()
+            self._queue.append(record.id)
         if self._save_or_log(record):
             self._save_unsaved()
 
     def _pipeline(self, model: str):
-        # One warm training pipeline: loading SDXL or Flux again for every job would cost far more than a step.
-        if model not in self._pipes:
-            self._pipes.clear()
-            from pipelines.models import load_pipeline
+        """Load a base pipeline for the in-process worker (which keeps the last one warm)."""
+        from pipelines.models import load_pipeline
 
-            self._pipes[model] = load_pipeline(model)
-        return self._pipes[model]
+        return load_pipeline(model)
 
-    def _run(self, record: JobRecord, token: CancelToken) -> Path:
-        method = METHODS[record.method]
-        workspace = Workspace(record.owner, self.home)
-        settings = record.settings
+    def _reports(self, record: JobRecord) -> Reports:
+        """Where a worker's reports about `record` go: into the record (written at most every half second) and
+        the job's folder."""
         folder = self._job_dir(record)
-        steps = int(settings["steps"])
-        request = method.build_request(
-            image=folder / "source.png", out=workspace.packages / record.name, model=record.model, steps=steps,
-            rank=settings["rank"], learning_rate=settings["learning_rate"], seed=settings["seed"],
-            token=settings.get("token"), sample_every=settings.get("sample_every") or 0,
-            sample_steps=settings.get("sample_steps"), checkpoint_every=max(1, min(250, steps // 10)),
-            samples=True, resume=record.runs > 1 and not record.restart, restart=record.restart,
-            **settings.get("extras", {}),
-        )
         first_event = [True]
+
+        def placed(where: dict[str, Any]) -> None:
+            with self._lock:
+                record.worker = dict(where)
+                self._save_or_log(record)
 
         def on_progress(event) -> None:
             with self._lock:
                 if first_event[0]:
                     first_event[0] = False
-                    record.resumed_from = event.step - 1 if event.step > 1 else None
+                    if record.paused_at is None:  # the next chunk of a chunked job is no resume
+                        record.resumed_from = event.step - 1 if event.step > 1 else None
+                    record.paused_at = None
                 # After a resume the loop repeats the steps after its checkpoint: keep one loss per step.
                 del record.losses[event.step - 1:]
                 record.losses.append(round(float(event.loss), 6))
@@ -579,27 +634,9 @@ class JobManager:
                     record.samples.append(name)
                 self._save_or_log(record)
 
-        pipe = self._pipeline(record.model)
-        try:
-            return self._runner(method, request, on_progress=on_progress, on_sample=on_sample, cancel=token,
-                                pipe=pipe)
-        finally:
-            try:
-                # A stopped run leaves its training adapter in the model; the next job needs the bare base.
-                pipe.unload_lora_weights()
-            except Exception:
-                self._pipes.clear()
-
-    def _run_lab(self, record: JobRecord, token: CancelToken) -> None:
-        """Run a lab experiment; its progress goes into the record, its result into jobs/<id>/result/."""
-        from pipelines.lab import Progress, run_experiment
-
         started = time.monotonic()
-        with self._lock:
-            record.fraction, record.message, record.elapsed_s, record.result = 0.0, "starting", 0.0, None
-            record.step = 0
 
-        def on_progress(fraction: float, message: str) -> None:
+        def on_lab_progress(fraction: float, message: str) -> None:
             with self._lock:
                 elapsed = time.monotonic() - started
                 record.fraction = round(fraction, 4)
@@ -611,9 +648,55 @@ class JobManager:
                 if time.monotonic() - self._last_write.get(record.id, 0.0) >= RECORD_WRITE_INTERVAL_S:
                     self._save_or_log(record)
 
-        result = run_experiment(record.method, record.settings, Progress(on_progress, token))
-        result.save(self._job_dir(record) / "result")
+        return Reports(progress=on_progress, sample=on_sample, lab_progress=on_lab_progress, placed=placed)
+
+    def _run(self, record: JobRecord, token: CancelToken) -> None:
+        """Train: the request values go to the worker, which calls the train function with them."""
+        method = METHODS[record.method]
+        workspace = Workspace(record.owner, self.home)
+        settings = record.settings
+        steps = int(settings["steps"])
+        values = dict(
+            image=self._job_dir(record) / "source.png", out=workspace.packages / record.name, model=record.model,
+            steps=steps, rank=settings["rank"], learning_rate=settings["learning_rate"], seed=settings["seed"],
+            token=settings.get("token"), sample_every=settings.get("sample_every") or 0,
+            sample_steps=settings.get("sample_steps"), checkpoint_every=max(1, min(250, steps // 10)),
+            samples=True, resume=record.runs > 1 and not record.restart, restart=record.restart,
+            adapter=settings.get("adapter", "lora"), **settings.get("extras", {}),
+        )
+        self.worker.run(Assignment(record.id, "training", method.key, record.model, values), self._reports(record),
+                        token)
+
+    def _run_lab(self, record: JobRecord, token: CancelToken) -> None:
+        """Run a lab experiment; its progress goes into the record, its result into jobs/<id>/result/."""
+        with self._lock:
+            record.fraction, record.message, record.elapsed_s, record.result = 0.0, "starting", 0.0, None
+            record.step = 0
+        started = time.monotonic()
+        job = Assignment(record.id, "lab", record.method, record.model, dict(record.settings),
+                         result=self._job_dir(record) / "result")
+        self.worker.run(job, self._reports(record), token)
         with self._lock:
             record.result = "result"
             record.fraction, record.step, record.message = 1.0, record.total, "done"
             record.elapsed_s = round(time.monotonic() - started, 1)
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """What serves the jobs and how busy it is: for the page's line and the operator's listing."""
+
+    worker: WorkerFacts
+    running: int
+    waiting: int
+
+    def summary(self) -> str:
+        """One line for the page (without the cluster's address)."""
+        worker = self.worker
+        gpus = f"{worker.gpus} GPU{'s' if worker.gpus != 1 else ''}" if worker.gpus else "no GPU"
+        if worker.backend == "ray":
+            where = (f"Jobs run on a Ray cluster: {worker.workers} worker{'s' if worker.workers != 1 else ''} up, "
+                     f"{gpus}, {worker.slots} at a time")
+        else:
+            where = f"Jobs run in the studio's own process, one at a time ({worker.detail or gpus})"
+        return f"{where} · {self.running} running, {self.waiting} waiting."

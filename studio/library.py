@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -27,6 +28,7 @@ from pipelines import formats
 from pipelines.checks import check_weights
 from pipelines.errors import BlockStudioError, InvalidAdapter
 from pipelines.package import AdapterPackage, check_name, package_files
+from pipelines.rank_export import RANK_ADAPTERS, export_package, trained_file
 from pipelines.storage import atomic_dir, atomic_file, home_dir, write_json
 from studio.workspace import Workspace, inside
 
@@ -332,10 +334,41 @@ class Library:
         info["name"] = name
         write_json(info_path, info)
 
-    def export_zip(self, name: str) -> Path:
-        """The whole package as `<name>.zip` (one top folder), written atomically into the workspace."""
+    def rank_range(self, name: str) -> tuple[int, int, int] | None:
+        """(lowest, highest, current) rank package `name` can be exported at, or None for a plain LoRA package."""
+        info = self.open(name).info
+        adapter = info.get("adapter")
+        if not isinstance(adapter, dict) or adapter.get("type") not in RANK_ADAPTERS:
+            return None
+        if not (self.path(name) / trained_file(adapter["type"])).is_file():
+            return None  # an exported copy: it holds only its one rank
+        low, high = adapter.get("rank_range") or (None, None)
+        current = info.get("rank")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high, current)):
+            return None
+        return low, high, current
+
+    def export_zip(self, name: str, rank: int | float | None = None) -> Path:
+        """The whole package as `<name>.zip` (one top folder), written atomically into the workspace.
+
+        With a `rank` other than the package's own (a DyLoRA or SoRA package), the zip holds the package
+        exported at that rank as `<name>-r<rank>`: an ordinary package of that size.
+        """
         folder = self.path(name)
-        bare = folder.name
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | float)
+                                 or not math.isfinite(rank) or rank != int(rank)):
+            raise LibraryError(f"rank must be a whole number, not {rank!r}")
+        if rank is None or rank == 0 or rank == self.open(name).info.get("rank"):
+            return self._zip(folder, folder.name)
+        bare = f"{folder.name[:56]}-r{int(rank)}"
+        staging = Path(tempfile.mkdtemp(prefix=".rank-", dir=self.workspace.exports))
+        try:
+            export_package(folder, int(rank), staging / bare)
+            return self._zip(staging / bare, bare)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _zip(self, folder: Path, bare: str) -> Path:
         target = self.workspace.exports / f"{bare}.zip"
         with atomic_file(target) as tmp:
             with zipfile.ZipFile(tmp, "w") as archive:

@@ -27,6 +27,8 @@ class Method:
     blurb: str
     # Request values the studio does not ask for but derives from the rank (rank, recipe defaults) -> values.
     extras: Callable[[int, dict], dict] | None = None
+    # The adapters the recipe can train its blocks with (`adapter` of its request); the first is the default.
+    adapters: tuple[str, ...] = ("lora",)
     # What the Train form's token box shows while empty: the tokens this method makes by itself.
     token_hint: str = "automatic"
 
@@ -61,6 +63,13 @@ class Method:
                 if f.default is not dataclasses.MISSING}
 
 
+ADAPTER_LABELS = {
+    "lora": "LoRA",
+    "dylora": "DyLoRA · every rank up to the chosen one, in one run",
+    "sora": "SoRA · gated ranks, the unused ones pruned",
+}
+
+
 def _splitflux_extras(rank: int, defaults: dict) -> dict:
     """SplitFlux divides its content LoRA into a content branch and a residual one: keep the recipe's split."""
     if rank < 2:
@@ -74,7 +83,7 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("b-lora", "B-LoRA · SDXL", "sdxl", "pipelines.blora", "TrainRequest", "train_blora",
                "Content and style LoRA on two attention blocks of SDXL's first up-block (Frenkel et al., 2024).",
-               token_hint="automatic, e.g. [v42]"),
+               token_hint="automatic, e.g. [v42]", adapters=("lora", "dylora", "sora")),
         Method("splitflux", "SplitFlux · Flux", "flux", "pipelines.splitflux", "SplitFluxRequest",
                "train_splitflux",
                "Content and style from Flux's single-stream blocks, with a re-embedding content part.",
@@ -93,12 +102,13 @@ def method_for(key: str) -> Method:
 
 
 def models_for(arch: str) -> list[ModelSpec]:
-    return [spec for spec in REGISTRY.values() if spec.arch == arch]
+    """The registry models of `arch` the studio offers (full-size random-weight models are for benchmarks)."""
+    return [spec for spec in REGISTRY.values() if spec.arch == arch and not spec.random_weights]
 
 
 def check_model(name: str, arch: str) -> ModelSpec:
     """Only registry models from the web: a path or arbitrary Hub id would let a visitor load anything."""
-    if not isinstance(name, str) or name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY or REGISTRY[name].random_weights:
         raise ValueError(f"unknown base model {name!r}; choose one of the list")
     spec = resolve_model(name)
     if spec.arch != arch:

@@ -104,7 +104,7 @@ def base_model_of(*packages: AdapterPackage | None) -> ModelSpec:
     if len(models) > 1:
         raise GenerationError(f"these adapters are for different base models ({', '.join(sorted(models))})")
     model = models.pop()
-    if model not in REGISTRY:
+    if model not in REGISTRY or REGISTRY[model].random_weights:
         raise GenerationError(f"adapter made for {model!r}, which this studio does not offer")
     return REGISTRY[model]
 

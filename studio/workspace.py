@@ -86,11 +86,16 @@ def is_workspace_id(value: object, home: Path | None = None) -> bool:
     Ids from before ids were signed stay valid while their workspace folder exists, so nobody loses their work;
     no new unsigned folder can be made, since every folder is created through an id that passed this check.
     """
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+    if not workspace_id_like(value):
         return False
     if hmac.compare_digest(value[_NONCE_CHARS:], _tag(value[:_NONCE_CHARS], home)):
         return True
     return (workspaces_root(home) / value).is_dir()
+
+
+def workspace_id_like(value: object) -> bool:
+    """Whether `value` has the form of a workspace id; its signature is not checked (that needs the key)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
 def workspaces_root(home: Path | None = None) -> Path:

@@ -41,6 +41,21 @@ def token_input() -> torch.Tensor:
     return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
 
 
+def tiny_llama() -> nn.Module:
+    """A random two-layer Llama (hidden 16, SwiGLU MLP), for methods that need a transformers model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def token_ids() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(1))}
+
+
 @dataclass
 class Case:
     config: dict[str, Any]
@@ -57,10 +72,22 @@ CASES: dict[str, Case] = {
     "lora": Case({"rank": 4, "scale": 0.5}),
     "rank-constrained": Case({"rank": 4, "alpha": 2}),
     "visual-gated": Case({"content_rank": 3, "residual_rank": 2}),
+    "dylora": Case({"rank": 4, "min_rank": 1, "alpha": 8.0}),
+    "sora": Case({"rank": 4, "alpha": 8.0}),
     "dv-lora": Case({"rank": 4}),
     # 16 and 32 input features cut into 3 chunks: the last chunk is zero-padded.
     "block-lora": Case({"rank": 3, "num_blocks": 3}),
     "miss": Case({"rank": 4}),
     "mergevla": Case({"tasks": ["a", "b"], "router_k": 4}),
     "markboard": Case({"bits": 3, "rank": 2}),
+    "cbq": Case({"bits": 3, "rank": 2}),
+    # NF3 in blocks of 16 with 4-bit scales; the 512-number weights end in a partial scale group.
+    "lq-lora": Case({"rank": 4, "quant_format": "nf3-16-4-bf16-64", "num_iterations": 5}),
+    "mixlora": Case({"num_experts": 4, "top_k": 2, "rank": 2, "dropout": 0.0}, model=tiny_llama, inputs=token_ids,
+                    targets=["q_proj", "v_proj", "mlp"]),
+    "smora": Case({"rank": 8, "activate_r": 2}),
+    # Two experts that start fresh (no folders) and train with the classifier, so randomising changes outputs.
+    "xlora": Case({"adapters": {"a": "", "b": ""}, "expert_ranks": [2, 3], "expert_scales": [1.0, 0.5],
+                   "use_trainable_adapters": True, "xlora_depth": 2, "xlora_size": 8},
+                  model=tiny_llama, inputs=token_ids, targets=["q_proj", "v_proj"]),
 }

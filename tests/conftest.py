@@ -103,11 +103,21 @@ class StudioServer:
         return client, client.predict(None, api_name="/workspace")
 
 
+def _free_port() -> int:
+    """A port the system just handed out: Gradio's own search from 7860 up lets two test runs on one machine
+    pick the same port, and then one run's client talks to the other's server."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_studio(launch_options: dict | None = None, **build_kwargs) -> StudioServer:
     from studio.app import build_app, launch
 
     demo = build_app(**build_kwargs)
-    _, url, _ = launch(demo=demo, port=None, prevent_thread_lock=True, quiet=True, **(launch_options or {}))
+    _, url, _ = launch(demo=demo, port=_free_port(), prevent_thread_lock=True, quiet=True, **(launch_options or {}))
     return StudioServer(demo, url)
 
 

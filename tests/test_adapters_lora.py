@@ -112,3 +112,18 @@ def test_disabled_layer_is_the_base():
     x = torch.randn(3, 12)
     layer.disabled = True
     assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_rank_pattern_gives_named_modules_their_own_rank():
+    from pipelines.adapters import AdapterError, add_adapter
+    from tests.adapter_cases import tiny_net
+
+    model = tiny_net()
+    config = LoRAConfig(rank=4, rank_pattern={"blocks.0.fc1": 2, "fc2": 3}, target_modules=["fc1", "fc2"])
+    add_adapter(model, config)
+    assert model.blocks[0]["fc1"].lora_A.shape[0] == 2
+    assert model.blocks[1]["fc1"].lora_A.shape[0] == 4
+    assert model.blocks[0]["fc2"].lora_A.shape[0] == 3 and model.blocks[1]["fc2"].lora_A.shape[0] == 3
+    for bad in ({"fc1": 0}, {"fc1": True}, {"": 2}, ["fc1"]):
+        with pytest.raises(AdapterError, match="rank_pattern"):
+            LoRAConfig(rank=4, rank_pattern=bad, target_modules=["fc1"])

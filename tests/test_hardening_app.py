@@ -121,7 +121,7 @@ def test_numbers_that_are_not_settings_are_refused_and_nothing_is_queued(studio_
                               files={"files": ("cat.jpg", handle)}).json()[0]
     image = json.dumps({"path": uploaded, "meta": {"_type": "gradio.FileData"}})
     body = (f'{{"data": ["{workspace}", {image}, "b-lora", "tiny-sdxl", "", {steps}, 4, {learning_rate}, '
-            f'{seed}, 0, ""]}}')
+            f'{seed}, 0, "", "lora"]}}')
     event, data = raw_call(studio_server, "train", body)
     assert event == "error" and data["error"] and word in data["error"], data
     assert studio_server.studio.jobs.jobs(workspace) == []

@@ -18,8 +18,10 @@ that name when one or several adapters wrap it, and every key of an adapter's st
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +42,13 @@ FORMAT = "blockstudio-adapter"
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20
 _ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_RESTORING = contextvars.ContextVar("blockstudio_adapter_restoring", default=False)
+
+
+def restoring_state() -> bool:
+    """True while `load_adapter` builds the layers whose tensors the saved state is about to overwrite: a method
+    whose initialisation is costly (a decomposition of every weight) may skip it then."""
+    return _RESTORING.get()
 
 
 class AdapterError(InvalidAdapter):
@@ -89,8 +98,8 @@ class AdapterConfig:
             return True
         return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
 
-    def make_layer(self, base: nn.Module, name: str) -> AdapterLayer:
-        """The adapter layer for one module; `name` is the adapter's name."""
+    def make_layer(self, base: nn.Module, name: str, module: str = "") -> AdapterLayer:
+        """The adapter layer for one module; `name` is the adapter's name, `module` the module's original name."""
         if self.layer_cls is None:
             raise NotImplementedError(f"{type(self).__name__} names no layer class")
         return self.layer_cls(base, self, adapter_name=name)
@@ -98,7 +107,7 @@ class AdapterConfig:
     def inject(self, model: nn.Module, name: str, modules: list[str]) -> list[str]:
         """Wrap each of `modules` (original names) with this method's layer. Override for model-level methods."""
         slots = {slot.name: slot for slot in module_slots(model)}
-        layers = [(slots[m], self.make_layer(slots[m].occupant, name)) for m in modules]
+        layers = [(slots[m], self.make_layer(slots[m].occupant, name, m)) for m in modules]
         for slot, layer in layers:
             layer.train(slot.occupant.training)  # dropout and the like follow the mode of the model it joins
             slot.put(layer)
@@ -132,6 +141,16 @@ def check_module_pattern(label: str, value: Any) -> list[str] | str | None:
     return value
 
 
+def is_integer(value: object) -> bool:
+    """An int and not a bool (for validating config fields)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float and not a bool (for validating config fields)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
@@ -140,6 +159,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return value
+
+
+def exact_targets(modules: Iterable[str]) -> str:
+    """A `target_modules` pattern naming exactly `modules` (original module names) and nothing else."""
+    return "|".join(re.escape(m) for m in modules)
 
 
 def _matches(pattern: list[str] | str | None, name: str) -> bool:
@@ -222,6 +246,14 @@ def _single_layers(model: nn.Module, name: str) -> dict[str, AdapterLayer]:
     layers = {module: stack[0] for module, stack in layers_of(model, name).items()}
     if not layers:
         raise AdapterError(f"the model has no adapter named {name!r} (it has: {', '.join(adapter_names(model)) or 'none'})")
+    return layers
+
+
+def method_layers(model: nn.Module, name: str, layer_cls: type[AdapterLayer], title: str) -> dict[str, Any]:
+    """{module: layer} of adapter `name`, which must be a `title` adapter (for a method's own model-level steps)."""
+    layers = _single_layers(model, name)
+    if not all(isinstance(layer, layer_cls) for layer in layers.values()):
+        raise AdapterError(f"adapter {name!r} is not a {title} adapter")
     return layers
 
 
@@ -464,18 +496,33 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
     return folder
 
 
-def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
-    """The config an adapter folder was saved with, checked; and the file's other facts (name, modules)."""
-    folder = Path(folder)
-    path = folder / CONFIG_NAME
+def read_config_json(folder: str | Path, hint: str = "save adapters with save_adapter") -> tuple[Path, Any]:
+    """The path and parsed JSON of `folder`'s adapter_config.json (a real file of bounded size), or one line."""
+    path = Path(folder) / CONFIG_NAME
     if not path.is_file() or path.is_symlink():
-        raise AdapterError(f"{folder} holds no {CONFIG_NAME}; save adapters with save_adapter")
+        raise AdapterError(f"{folder} holds no {CONFIG_NAME}; {hint}")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterError(f"{path} is too large to be an adapter config")
     try:
-        meta = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         raise AdapterError(f"{path} is not valid JSON") from None
+
+
+def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of `folder`'s adapter_model.safetensors (a real file), or one line."""
+    weights = Path(folder) / WEIGHTS_NAME
+    if not weights.is_file() or weights.is_symlink():
+        raise AdapterError(f"{folder} holds no {WEIGHTS_NAME}")
+    try:
+        return load_file(weights)
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise AdapterError(f"{weights} is not a readable safetensors file ({type(exc).__name__})") from None
+
+
+def read_adapter_config(folder: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
+    """The config an adapter folder was saved with, checked; and the file's other facts (name, modules)."""
+    path, meta = read_config_json(folder)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterError(f"{path} is not a Block Studio adapter config")
     if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
@@ -503,22 +550,20 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str | None = None, 
     folder = Path(folder)
     config, meta = read_adapter_config(folder)
     name = check_adapter_name(name or meta.get("name") or "default")
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file() or weights.is_symlink():
-        raise AdapterError(f"{folder} holds no {WEIGHTS_NAME}")
-    try:
-        state = load_file(weights)
-    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-        raise AdapterError(f"{weights} is not a readable safetensors file ({type(exc).__name__})") from None
+    state = read_adapter_weights(folder)
     modules = [m for m in meta["modules"] if isinstance(m, str)]
-    exact = dataclasses.replace(config, target_modules="|".join(re.escape(m) for m in modules), exclude_modules=None)
+    exact = dataclasses.replace(config, target_modules=exact_targets(modules), exclude_modules=None)
     found = target_names(model, exact)
     if sorted(found) != sorted(modules):
         missing = sorted(set(modules) - set(found))
         raise AdapterError(f"the adapter in {folder} adapts {missing[0] if missing else found[0]}, which this model "
                            "does not have in the same place")
     with _all_or_nothing(model):
-        add_adapter(model, exact, name, freeze_base=freeze_base)
+        token = _RESTORING.set(True)
+        try:
+            add_adapter(model, exact, name, freeze_base=freeze_base)
+        finally:
+            _RESTORING.reset(token)
         for layer in [s[0] for s in layers_of(model, name).values()]:
             layer.adapter_config = config
         load_adapter_state_dict(model, state, name)
@@ -557,6 +602,18 @@ def remove_adapter(model: nn.Module, name: str = "default") -> None:
     for layer in merged:
         if layer.adapter_name != name:
             layer.merge()
+
+
+def replace_adapter(model: nn.Module, name: str, config: AdapterConfig, state: dict[str, torch.Tensor]) -> None:
+    """Put an adapter of `config` holding `state` where adapter `name` is, under the same name and activity."""
+    active = active_adapters(model)
+    adapter_ids = {id(p) for p in trainable_parameters(model)}
+    freeze = not any(p.requires_grad for p in model.parameters() if id(p) not in adapter_ids)
+    remove_adapter(model, name)
+    add_adapter(model, config, name, freeze_base=freeze)
+    load_adapter_state_dict(model, state, name)
+    if name not in active:
+        set_active(model, active)
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

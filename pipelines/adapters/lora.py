@@ -6,6 +6,7 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022). `A`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -13,23 +14,53 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.adapters.base import AdapterLayer
-from pipelines.adapters.core import AdapterConfig, AdapterError, register_method
+from pipelines.adapters.core import AdapterConfig, AdapterError, is_integer, register_method
 
 
 @dataclass
 class LoRAConfig(AdapterConfig):
-    """rank of the update and the factor it is multiplied by (diffusers' `lora_alpha / r`)."""
+    """rank of the update and the factor it is multiplied by (diffusers' `lora_alpha / r`).
+
+    `rank_pattern` gives some modules another rank (PEFT's field of that name): its keys are module names or
+    suffixes at a dot boundary, as in a `target_modules` list. Pruned or truncated adapters whose layers kept
+    different ranks (SoRA) are plain LoRA adapters this way.
+    """
 
     method = "lora"
 
     rank: int = field(default=64, metadata={"help": "rank r of the update B A"})
     scale: float = field(default=1.0, metadata={"help": "the update's factor (lora_alpha / r in PEFT)"})
+    rank_pattern: dict[str, int] = field(default_factory=dict,
+                                         metadata={"help": "{module name or suffix: rank} where it is not `rank`"})
 
     def validate(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if not _is_rank(self.rank):
             raise AdapterError(f"LoRA rank must be at least 1, not {self.rank}")
         if not torch.isfinite(torch.tensor(float(self.scale))):
             raise AdapterError(f"LoRA scale must be a finite number, not {self.scale}")
+        if not isinstance(self.rank_pattern, dict):
+            raise AdapterError("LoRA rank_pattern must map module names to ranks")
+        for module, rank in self.rank_pattern.items():
+            if not isinstance(module, str) or not module or not _is_rank(rank):
+                raise AdapterError(f"LoRA rank_pattern entry {module!r}: {rank!r} must name a module and a rank >= 1")
+
+    def rank_for(self, module: str) -> int:
+        """The rank of the layer on `module` (original module name)."""
+        if module in self.rank_pattern:
+            return self.rank_pattern[module]
+        for key, rank in self.rank_pattern.items():
+            if module.endswith("." + key):
+                return rank
+        return self.rank
+
+    def make_layer(self, base: nn.Module, name: str, module: str = "") -> AdapterLayer:
+        rank = self.rank_for(module)
+        config = self if rank == self.rank else dataclasses.replace(self, rank=rank, rank_pattern={})
+        return LoRALinear(base, config, adapter_name=name)
+
+
+def _is_rank(value: object) -> bool:
+    return is_integer(value) and value >= 1
 
 
 def init_down(weight: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ traceback on the server only. `upload_path` admits only files the server receive
 from __future__ import annotations
 
 import functools
+import html
 import logging
 import os
 import stat
@@ -82,8 +83,9 @@ def banner(gpu: bool, model: str | None = None) -> tuple[str, str] | None:
                 "They make noise, not pictures: they are for trying the whole workflow (train, mix, re-embed, "
                 "export, share) in seconds. Run Block Studio on a GPU for SDXL and Flux.")
     if on_zero_gpu():
-        return ("zero", "**ZeroGPU.** Mixing and re-embedding get a GPU per request. Training runs for many "
-                "minutes and needs dedicated GPU hardware; on ZeroGPU, import adapters trained elsewhere.")
+        return ("zero", "**ZeroGPU.** Mixing and re-embedding get a GPU per request. Training runs in chunks of "
+                "steps, each a short GPU call that resumes where the last one stopped; other people's jobs run "
+                "between the chunks, so a job takes longer here than on dedicated GPU hardware.")
     return None
 
 
@@ -226,6 +228,11 @@ def format_size(size: float) -> str:
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{int(size)} B"
+
+
+def ops_note(facts: str | None) -> str:
+    """The line under a job's card that says what serves the jobs and how busy it is (`JobFacts.summary`)."""
+    return f"<div class='bs-ops bs-dim'>{html.escape(facts)}</div>" if facts else ""
 
 
 def format_seconds(seconds: float | None) -> str:

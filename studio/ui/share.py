@@ -1,4 +1,8 @@
-"""The Share tab: download a package as a zip, or push it to the Hugging Face Hub with a one-push token."""
+"""The Share tab: download a package as a zip, or push it to the Hugging Face Hub with a one-push token.
+
+A package trained with a DyLoRA or SoRA adapter gets a rank control: its zip holds the package at the rank
+chosen there, as an ordinary package of that size.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ def build(studio: Studio) -> None:
         with gr.Column():
             gr.Markdown("### Download\nThe whole package: diffusers files (`pipe.load_lora_weights(folder)`), "
                         "kohya files for ComfyUI, A1111 and Forge, `adapter.json`, the model card and samples.")
+            # 0 stands for "the package as it is"; a rank package narrows the range to its own.
+            rank = gr.Slider(0, 1024, value=0, step=1, label="Rank", visible=False, elem_id="share-rank")
             prepare = gr.Button("Prepare zip", elem_id="share-prepare")
             download = gr.DownloadButton("Download zip", visible=False, variant="primary",
                                          elem_id="share-download")
@@ -38,8 +44,23 @@ def build(studio: Studio) -> None:
             pushed = gr.Markdown(elem_id="share-pushed")
 
     @handler
-    def prepare_zip(workspace_id, name):
-        path = studio.library(workspace_id).export_zip(name)
+    def choose_package(workspace_id, name):
+        """A new package: no zip yet, and the rank control where the package can be exported at other ranks."""
+        found = studio.library(workspace_id).rank_range(name) if name else None
+        if found is None:
+            rank_control = gr.Slider(minimum=0, maximum=1024, value=0, visible=False)
+        else:
+            low, high, current = found
+            kind = studio.library(workspace_id).open(name).info["adapter"]["type"]
+            rank_control = gr.Slider(
+                minimum=low, maximum=high, value=current, visible=True,
+                info=f"Trained with {'DyLoRA' if kind == 'dylora' else 'SoRA'}: the zip holds the package at "
+                     f"this rank ({low}–{high}); smaller is a smaller file.")
+        return gr.DownloadButton(visible=False), "", rank_control
+
+    @handler
+    def prepare_zip(workspace_id, name, chosen_rank=None):
+        path = studio.library(workspace_id).export_zip(name, rank=chosen_rank or None)
         with zipfile.ZipFile(path) as archive:
             rows = [f"| `{i.filename}` | {format_size(i.file_size)} |" for i in archive.infolist()]
         table = "| file | size |\n| --- | --- |\n" + "\n".join(rows)
@@ -55,9 +76,8 @@ def build(studio: Studio) -> None:
         return f"Pushed {result.files} files to <a href='{url}' target='_blank'>{url}</a>."
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    package.change(lambda: (gr.DownloadButton(visible=False), ""), None, [download, contents],
-                   api_visibility="private", **cheap)
-    prepare.click(prepare_zip, [ws, package], [download, contents], api_name="export", concurrency_limit=2,
+    package.change(choose_package, [ws, package], [download, contents, rank], api_visibility="private", **cheap)
+    prepare.click(prepare_zip, [ws, package, rank], [download, contents], api_name="export", concurrency_limit=2,
                   concurrency_id="export", show_progress_on=[contents])
     # The token box is emptied after every push, successful or not, so it never lingers in the page
     # (`.then` does not run after a failed event, so both outcomes are listened to).

@@ -22,8 +22,8 @@ from pipelines.models import REGISTRY
 from pipelines.package import AdapterPackage
 from pipelines.storage import is_package
 from studio.jobs import JobRecord
-from studio.methods import METHODS, models_for, training_defaults
-from studio.ui.common import Studio, banner, format_seconds, handler, upload_path
+from studio.methods import ADAPTER_LABELS, METHODS, Method, models_for, training_defaults
+from studio.ui.common import Studio, banner, format_seconds, handler, ops_note, upload_path
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -52,9 +52,18 @@ def model_info(name: str | None) -> str:
     return spec.description if spec else ""
 
 
+def adapter_options(method: Method) -> dict[str, Any]:
+    """The adapters `method` trains its blocks with (the Adapter radio's settings); shown only given a choice."""
+    return dict(choices=[(ADAPTER_LABELS[a], a) for a in method.adapters], value=method.adapters[0],
+                visible=len(method.adapters) > 1)
+
+
 def _job_label(record: JobRecord) -> str:
     when = time.strftime("%b %d %H:%M", time.localtime(record.created))
-    return f"{record.name} · {METHODS[record.method].label} · {record.model} · {when}"
+    adapter = record.settings.get("adapter") or "lora"
+    kind = ADAPTER_LABELS.get(adapter, str(adapter)).split(" ")[0]
+    method = METHODS[record.method].label + (f" ({kind})" if adapter != "lora" else "")
+    return f"{record.name} · {method} · {record.model} · {when}"
 
 
 def job_choices(studio: Studio, owner: str) -> list[tuple[str, str]]:
@@ -66,11 +75,13 @@ def finishing(record: JobRecord) -> bool:
     return record.status == "running" and record.total > 0 and record.step >= record.total
 
 
-def render_status(record: JobRecord | None, ahead: int | None) -> str:
+def render_status(record: JobRecord | None, ahead: int | None, facts: str | None = None) -> str:
+    """The job's card: status, progress, speed, ETA, loss and a note; `facts` is the line saying what serves
+    the jobs and how busy it is."""
     if record is None:
         return ("<div class='bs-job bs-empty'>No training yet. Upload an image, check the crop, and press "
                 "<b>Start training</b>. You can leave or reload the page: the job keeps going and shows up "
-                "here again.</div>")
+                f"here again.{ops_note(facts)}</div>")
     total = max(record.total, 1)
     percent = min(100.0, 100.0 * record.step / total)
     loss = f"{record.losses[-1]:.4f}" if record.losses else "–"
@@ -108,6 +119,7 @@ def render_status(record: JobRecord | None, ahead: int | None) -> str:
         note = (note + " " if note else "") + f"(Resumed from step {record.resumed_from}.)"
     if note:
         lines.append(f"<div class='bs-note'>{note}</div>")
+    lines.append(ops_note(facts))
     lines.append("</div>")
     return "".join(lines)
 
@@ -147,7 +159,7 @@ def status_values(studio: Studio, record: JobRecord | None, send_samples: bool =
     resume_label = (f"Resume from step {record.checkpoint_step}" if resumable and record.checkpoint_step
                     else "Start again")
     return (
-        render_status(record, ahead),
+        render_status(record, ahead, studio.jobs.facts().summary()),
         _loss_frame(record) if send_losses else gr.skip(),
         _samples(studio, record) if send_samples else gr.skip(),
         gr.Button(visible=active, interactive=bool(record and record.status in ("queued", "running"))),
@@ -194,6 +206,9 @@ def build(studio: Studio) -> TrainTab:
                                              info="0 = no previews while training", precision=0, minimum=0)
                     token = gr.Textbox(label="Trigger token", placeholder=first.token_hint, max_length=32,
                                        elem_id="train-token")
+                adapter = gr.Radio(label="Adapter", elem_id="train-adapter", **adapter_options(first),
+                                   info="DyLoRA and SoRA packages can be exported later at a smaller rank "
+                                        "(Share tab, or blockstudio export)")
             start = gr.Button("Start training", variant="primary", size="lg", elem_id="train-start")
 
     gr.Markdown("### Progress")
@@ -203,7 +218,7 @@ def build(studio: Studio) -> TrainTab:
         cancel = gr.Button("Cancel", variant="stop", visible=False, scale=1, elem_id="train-cancel")
         resume = gr.Button("Resume", variant="primary", visible=False, scale=1, elem_id="train-resume")
         discard = gr.Button("Discard", visible=False, scale=1)
-    status = gr.HTML(render_status(None, None), elem_id="train-status")
+    status = gr.HTML(render_status(None, None, studio.jobs.facts().summary()), elem_id="train-status")
     with gr.Row():
         loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Training loss", height=260,
                                 scale=3, buttons=["fullscreen", "export"])
@@ -222,7 +237,8 @@ def build(studio: Studio) -> TrainTab:
         values = training_defaults(chosen, spec)
         updates = (gr.Dropdown(choices=model_choices(studio, chosen.arch), value=spec.name, info=model_info(spec.name)),
                    gr.Radio(info=chosen.blurb), values["steps"], values["rank"], values["learning_rate"],
-                   values["sample_every"], gr.Textbox(placeholder=chosen.token_hint))
+                   values["sample_every"], gr.Textbox(placeholder=chosen.token_hint),
+                   gr.Radio(**adapter_options(chosen)))
         if studio.banner is None:
             return updates
         notice = banner(studio.gpu, spec.name)
@@ -241,7 +257,7 @@ def build(studio: Studio) -> TrainTab:
 
     @handler
     def start_training(workspace_id, upload, method_key, model_name, package_name, n_steps, lora_rank, lr,
-                       seed_value, preview_every, trigger):
+                       seed_value, preview_every, trigger, adapter_type="lora"):
         path = upload_path(upload)
         if not path:
             raise gr.Error("Upload an image first (drag and drop, paste, or pick an example).",
@@ -250,7 +266,7 @@ def build(studio: Studio) -> TrainTab:
         record = studio.jobs.submit(
             owner, image=path, method=method_key, model=model_name, name=package_name or None,
             steps=n_steps or 0, rank=lora_rank or 0, learning_rate=lr or 0, seed=seed_value or 0,
-            sample_every=preview_every or 0, token=trigger,
+            sample_every=preview_every or 0, token=trigger, adapter=adapter_type or "lora",
         )
         ahead = studio.jobs.position(record.id)
         gr.Info(f"{record.name}: queued" + (f" behind {ahead} job(s)." if ahead else ", starting now."))
@@ -309,7 +325,7 @@ def build(studio: Studio) -> TrainTab:
         return current_job(owner)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    method_outputs = [model, method, steps, rank, learning_rate, sample_every, token]
+    method_outputs = [model, method, steps, rank, learning_rate, sample_every, token, adapter]
     if studio.banner is not None:
         method_outputs.append(studio.banner)  # it names the tiny model the chosen method trains on
     method.input(change_method, [method], method_outputs, api_visibility="private", **cheap)
@@ -318,7 +334,7 @@ def build(studio: Studio) -> TrainTab:
     gr.on([image.change, model.change], crop_preview, [image, model], [crop], api_name="crop_preview",
           preprocess=False, **cheap)
     start.click(start_training, [ws, image, method, model, name, steps, rank, learning_rate, seed, sample_every,
-                                 token], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
+                                 token, adapter], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
                 show_progress="hidden")
     job.input(show_job, [ws, job], outputs, api_visibility="private", **cheap)
     timer.tick(poll_job, [ws, job, shown], outputs + [shown], api_name="job_status", **cheap)

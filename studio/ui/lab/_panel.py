@@ -21,7 +21,7 @@ from pipelines.errors import BlockStudioError
 from pipelines.lab import LabResult
 from pipelines.lab.experiment import SettingField
 from studio.jobs import JobRecord
-from studio.ui.common import Studio, format_seconds, handler
+from studio.ui.common import Studio, format_seconds, handler, ops_note
 
 MAX_FIGURES = 6
 MAX_TABLES = 3
@@ -82,10 +82,12 @@ def settings_of(settings_cls, values: tuple) -> dict[str, Any]:
 # -- what the page shows -------------------------------------------------------------------------------------
 
 
-def render_status(record: JobRecord | None, ahead: int | None) -> str:
+def render_status(record: JobRecord | None, ahead: int | None, facts: str | None = None) -> str:
+    """The run's card; `facts` is the line saying what serves the jobs and how busy it is."""
     if record is None:
         return ("<div class='bs-job bs-empty'>No run yet. Choose the settings and press <b>Run</b>; the run goes "
-                "through the studio's job queue, and you can leave or reload the page while it runs.</div>")
+                f"through the studio's job queue, and you can leave or reload the page while it runs.{ops_note(facts)}"
+                "</div>")
     percent = 100.0 * min(1.0, max(0.0, record.fraction))
     elapsed = format_seconds(record.elapsed_s)
     eta = format_seconds(record.eta_s) if record.status == "running" else "–"
@@ -107,6 +109,7 @@ def render_status(record: JobRecord | None, ahead: int | None) -> str:
         note = (f"{html.escape(record.error)}. " if record.error else "") + "Press Run to start it again."
     if note:
         lines.append(f"<div class='bs-note'>{note}</div>")
+    lines.append(ops_note(facts))
     lines.append("</div>")
     return "".join(lines)
 
@@ -143,10 +146,10 @@ def panel_values(studio: Studio, record: JobRecord | None, send_result: bool = T
     active = bool(record and record.active)
     result = result_values(studio, record) if send_result else [gr.skip()] * (1 + MAX_FIGURES + MAX_TABLES)
     return (
-        render_status(record, ahead),
+        render_status(record, ahead, studio.jobs.facts().summary()),
         gr.Button(visible=active, interactive=bool(record and record.status in ("queued", "running"))),
         *result,
-        record.to_dict() if record is not None else {},
+        record.public_dict() if record is not None else {},
         gr.Timer(active=active),
     )
 
@@ -232,7 +235,7 @@ def build(studio: Studio, experiment, tab: gr.Tab | None = None) -> LabPanel:
                 run = gr.Button("Run", variant="primary", interactive=available, elem_id=f"lab-{key}-run")
                 cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id=f"lab-{key}-cancel")
         with gr.Column(scale=3):
-            status = gr.HTML(render_status(None, None), elem_id=f"lab-{key}-status")
+            status = gr.HTML(render_status(None, None, studio.jobs.facts().summary()), elem_id=f"lab-{key}-status")
             summary = gr.Markdown(visible=False)
             images = []
             for start in range(0, MAX_FIGURES, 2):
