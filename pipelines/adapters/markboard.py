@@ -36,7 +36,8 @@ for a bit whose branches are both off). Keys of the state: `lora_A` (n, 2, r, d_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -187,17 +188,67 @@ def get_signature(model: nn.Module, name: str) -> list[int]:
     return [int(v) for v in _mark_layers(model, name)[0].signature.tolist()]
 
 
+@contextlib.contextmanager
+def training_branch(model: nn.Module, name: str, bit: int, value: int) -> Iterator[list[nn.Parameter]]:
+    """Train one branch alone (MarkBoard's independent embedding): inside, branch (`bit`, `value`) is the only one
+    selected and only its rows of `lora_A` / `lora_B` receive gradients; yields the parameters to optimise.
+
+    The gradients of the other branches are zeroed by hooks, so an optimiser without weight decay leaves them
+    exactly as they were. The signature before the block comes back after it.
+    """
+    layers = _mark_layers(model, name)
+    bits = layers[0].config.bits
+    if isinstance(bit, bool) or not isinstance(bit, int) or not 0 <= bit < bits:
+        raise AdapterError(f"bit must be a whole number from 0 to {bits - 1}, not {bit!r}")
+    if isinstance(value, bool) or value not in (0, 1):
+        raise AdapterError(f"a branch value is 0 or 1, not {value!r}")
+    if any(layer.merged for layer in layers):
+        raise AdapterError("unmerge the model before training a branch")
+    saved = [layer.signature.clone() for layer in layers]
+    hooks, params = [], []
+    try:
+        for layer in layers:
+            layer.signature.fill_(OFF)
+            layer.signature[bit] = value
+            for param in (layer.lora_A, layer.lora_B):
+                keep = torch.zeros(param.shape[:2], dtype=param.dtype, device=param.device)
+                keep[bit, value] = 1
+                keep = keep.view(*keep.shape, 1, 1)
+                hooks.append(param.register_hook(lambda grad, keep=keep: grad * keep))
+                params.append(param)
+        yield params
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, signature in zip(layers, saved, strict=True):
+            layer.signature.copy_(signature)
+
+
 # -- the owner's secrets: trigger labels and decoding -----------------------------------------------------------
 
 
-def trigger_labels(bits: int, num_labels: int, seed: int) -> torch.Tensor:
-    """(bits, 2) target labels, y_i0 != y_i1, drawn from the owner's seed."""
+def trigger_labels(bits: int, num_labels: int, seed: int, avoid: torch.Tensor | None = None) -> torch.Tensor:
+    """(bits, 2) target labels, y_i0 != y_i1, drawn from the owner's seed.
+
+    `avoid` (bits, num_labels) bool marks labels not to use for a bit, typically the ones the unmarked model
+    already gives to that bit's triggers, so that an unmarked model reads no bit; each bit needs two left.
+    """
     if num_labels < 2:
         raise AdapterError("a MarkBoard signature needs a task with at least two labels")
     generator = torch.Generator().manual_seed(seed)
-    first = torch.randint(num_labels, (bits,), generator=generator)
-    offset = torch.randint(1, num_labels, (bits,), generator=generator)
-    return torch.stack([first, (first + offset) % num_labels], dim=1)
+    if avoid is None:
+        first = torch.randint(num_labels, (bits,), generator=generator)
+        offset = torch.randint(1, num_labels, (bits,), generator=generator)
+        return torch.stack([first, (first + offset) % num_labels], dim=1)
+    if tuple(avoid.shape) != (bits, num_labels):
+        raise AdapterError(f"avoid must have shape ({bits}, {num_labels}), not {tuple(avoid.shape)}")
+    labels = []
+    for row in avoid.bool():
+        allowed = (~row).nonzero().flatten()
+        if len(allowed) < 2:
+            raise AdapterError("every bit needs two labels it does not avoid")
+        labels.append(allowed[torch.randperm(len(allowed), generator=generator)[:2]])
+    return torch.stack(labels)
 
 
 @dataclass
