@@ -458,6 +458,42 @@ def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
                    help="store the frozen transformer in fp8 (layerwise casting) or NF4 (bitsandbytes, CUDA)")
 
 
+def add_merge_and_watermark(sub) -> None:
+    """The `merge` and `watermark embed|verify` commands."""
+    merge = sub.add_parser("merge", help="merge the styles of several packages into one package")
+    merge.add_argument("packages", nargs="+", help="two or more package folders (same base model and method)")
+    merge.add_argument("--out", required=True, help="folder for the merged package")
+    merge.add_argument("--mode", choices=["masked", "sum"], default="masked",
+                       help="masked: each style adds its delta on its TALL mask (MergeVLA); sum: the plain "
+                            "weighted sum of the styles' deltas")
+    merge.add_argument("--lambda", dest="mask_lambda", type=float, default=0.6,
+                       help="lambda of the masks |w tau| > lambda |sum - w tau| (MergeVLA: 0.6)")
+    merge.add_argument("--weights", default=None, help="one weight per package, e.g. 1,0.5 (default 1 each)")
+    merge.add_argument("--rank", type=int, default=None,
+                       help="rank of the merged LoRA, by truncated SVD (default: the sum of the inputs' ranks; a "
+                            "plain sum at that rank is written exactly, the factors side by side)")
+    _add_force_option(merge, "an existing package at --out")
+    merge.set_defaults(func=cmd_merge)
+
+    mark = sub.add_parser("watermark", help="sign a package with a MarkBoard signature, or read it back")
+    mark_commands = mark.add_subparsers(dest="watermark_command", required=True)
+    embed = mark_commands.add_parser("embed", help="write a signature into a package (or swap the one it has)")
+    embed.add_argument("package", help="the package folder")
+    embed.add_argument("--signature", required=True, help="the bits, e.g. 10110010 (at most 64)")
+    embed.add_argument("--out", default=None, help="write a signed copy here instead of signing the package itself")
+    embed.add_argument("--strength", type=float, default=10.0,
+                       help="how far a bit reads above an unsigned package's noise (6-16)")
+    _add_force_option(embed, "an existing package at --out")
+    verify = mark_commands.add_parser("verify", help="read a package's signature")
+    verify.add_argument("package", help="the package folder")
+    verify.add_argument("--part", default="full", help="which weight file to read (default: the whole adapter)")
+    for command in (embed, verify):
+        command.add_argument("--key", default=None,
+                             help="the owner's key (default: $BLOCKSTUDIO_WATERMARK_KEY, else none: anyone can read "
+                                  "and change the signature)")
+        command.set_defaults(func=cmd_watermark)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockstudio", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -523,38 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("path")
     ins.set_defaults(func=cmd_inspect)
 
-    merge = sub.add_parser("merge", help="merge the styles of several packages into one package")
-    merge.add_argument("packages", nargs="+", help="two or more package folders (same base model and method)")
-    merge.add_argument("--out", required=True, help="folder for the merged package")
-    merge.add_argument("--mode", choices=["masked", "sum"], default="masked",
-                       help="masked: each style adds its delta on its TALL mask (MergeVLA); sum: the plain "
-                            "weighted sum of the styles' deltas")
-    merge.add_argument("--lambda", dest="mask_lambda", type=float, default=0.6,
-                       help="lambda of the masks |w tau| > lambda |sum - w tau| (MergeVLA: 0.6)")
-    merge.add_argument("--weights", default=None, help="one weight per package, e.g. 1,0.5 (default 1 each)")
-    merge.add_argument("--rank", type=int, default=None,
-                       help="rank of the merged LoRA, by truncated SVD (default: the sum of the inputs' ranks; a "
-                            "plain sum at that rank is written exactly, the factors side by side)")
-    _add_force_option(merge, "an existing package at --out")
-    merge.set_defaults(func=cmd_merge)
-
-    mark = sub.add_parser("watermark", help="sign a package with a MarkBoard signature, or read it back")
-    mark_commands = mark.add_subparsers(dest="watermark_command", required=True)
-    embed = mark_commands.add_parser("embed", help="write a signature into a package (or swap the one it has)")
-    embed.add_argument("package", help="the package folder")
-    embed.add_argument("--signature", required=True, help="the bits, e.g. 10110010 (at most 64)")
-    embed.add_argument("--out", default=None, help="write a signed copy here instead of signing the package itself")
-    embed.add_argument("--strength", type=float, default=10.0,
-                       help="how far a bit reads above an unsigned package's noise (6-16)")
-    _add_force_option(embed, "an existing package at --out")
-    verify = mark_commands.add_parser("verify", help="read a package's signature")
-    verify.add_argument("package", help="the package folder")
-    verify.add_argument("--part", default="full", help="which weight file to read (default: the whole adapter)")
-    for command in (embed, verify):
-        command.add_argument("--key", default=None,
-                             help="the owner's key (default: $BLOCKSTUDIO_WATERMARK_KEY, else none: anyone can read "
-                                  "and change the signature)")
-        command.set_defaults(func=cmd_watermark)
+    add_merge_and_watermark(sub)
 
     models = sub.add_parser("models", help="list models, or print a model's local diffusers folder")
     models.add_argument("action", choices=["list", "path"])
