@@ -204,10 +204,11 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
 
 
 def rewrite_weights(source: str | Path, out: str | Path, states: dict[str, dict[str, torch.Tensor]], info: dict, *,
-                    replace: bool = False) -> Path:
+                    replace: bool = False, leave_out: tuple[str, ...] = ()) -> Path:
     """A copy of package `source` at `out` whose weight parts `states` (part -> canonical state) and adapter.json
-    (`info`) are new; every other file comes along as it is (hard-linked where possible). Each part's diffusers
-    file and its kohya file are written again, and the model card is rendered from `info`.
+    (`info`) are new; every other file but those `leave_out` names (relative paths) comes along as it is
+    (hard-linked where possible). Each part's diffusers file and its kohya file are written again, and the model
+    card is rendered from `info`.
 
     `out` may be `source` itself with `replace`: the package is swapped in whole, never half written.
     """
@@ -227,7 +228,7 @@ def rewrite_weights(source: str | Path, out: str | Path, states: dict[str, dict[
     with atomic_dir(out, replace=replace) as staging:
         for path in package_files(source):
             relative = moved.get(path.relative_to(source).as_posix(), path.relative_to(source).as_posix())
-            if relative in rewritten:
+            if relative in rewritten or relative in leave_out:
                 continue
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,9 @@ name) that are wide enough (d_in * d_out >= 2048), and bit i takes every slot wh
 capacity, min(64, 4 x modules): more modules, more slots per bit.
 
 What a package records (adapter.json `watermark` and each weight file's `blockstudio.watermark` metadata): the
-scheme, the number of bits and the strength; never the signature or the key. Without a key (the default, an
+scheme, the number of bits and the strength; never the signature or the key. A package trained with DyLoRA or
+SoRA is signed as a copy at its current rank, without the trained factors it could be exported from at others
+(an export from them would carry no signature). Without a key (the default, an
 empty key) anyone can read and change the signature; with one, only its holder. Known limits: a re-factoring of
 the LoRA (an SVD) keeps the signature readable but makes a later swap refuse; truncating it to its original rank
 removes the signature along with the directions it holds.
@@ -309,6 +311,11 @@ def mark_package(folder, signature: str, *, key: str = "", strength: float = DEF
     bits = parse_bits(signature)
     key, strength = check_key(key), check_strength(strength)
     package = AdapterPackage.open(folder)
+    trained = trained_factors(package)
+    if trained and out is None:
+        raise WatermarkError(f"package {package.name} keeps its trained factors ({trained}) to be exported at other "
+                             "ranks, and those exports would carry no signature; sign a copy instead (--out), which "
+                             "holds this rank only")
     previous = recorded_bits(package.info.get("watermark"))
     states = {}
     for part in package.parts():
@@ -326,7 +333,19 @@ def mark_package(folder, signature: str, *, key: str = "", strength: float = DEF
     if out is not None:
         info["name"] = check_name(Path(out).name)
     return rewrite_weights(folder, folder if out is None else out, states, info,
-                           replace=True if out is None else replace)
+                           replace=True if out is None else replace, leave_out=(trained,) if trained else ())
+
+
+def trained_factors(package: AdapterPackage) -> str | None:
+    """The file of a DyLoRA or SoRA package's trained factors (from which it exports at other ranks), if it has
+    one. A signed copy leaves it out: an export from those factors would carry no signature."""
+    from pipelines.rank_export import RANK_ADAPTERS, trained_file
+
+    adapter = package.info.get("adapter")
+    if not isinstance(adapter, dict) or adapter.get("type") not in RANK_ADAPTERS:
+        return None
+    name = trained_file(adapter["type"])
+    return name if (package.path / name).is_file() else None
 
 
 def verify_package(folder, *, key: str = "", part: str = "full") -> Verification:

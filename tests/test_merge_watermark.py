@@ -245,6 +245,21 @@ def test_a_signature_longer_than_the_branches_hold_is_refused_and_the_package_un
         mark_package(packages[0], "10x1")
 
 
+def test_a_package_with_trained_factors_is_signed_only_as_a_copy_at_its_rank(packages, tmp_path):
+    """A DyLoRA package exports other ranks from its trained factors; those exports would carry no signature."""
+    info_path = packages[0] / "adapter.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()),
+                                     "adapter": {"type": "dylora", "rank_range": [1, 4], "rank": 4}}))
+    (packages[0] / "dylora.safetensors").write_bytes(b"factors")
+    before = {p.relative_to(packages[0]): p.read_bytes() for p in packages[0].rglob("*") if p.is_file()}
+    with pytest.raises(WatermarkError, match=r"keeps its trained factors \(dylora.safetensors\).*sign a copy"):
+        mark_package(packages[0], "101")
+    assert {p.relative_to(packages[0]): p.read_bytes() for p in packages[0].rglob("*") if p.is_file()} == before
+    signed = mark_package(packages[0], "101", out=tmp_path / "cat-signed")
+    assert verify_package(signed).text == "101"
+    assert not (signed / "dylora.safetensors").exists() and (packages[0] / "dylora.safetensors").exists()
+
+
 def test_cli_signs_verifies_and_says_in_one_line_when_there_is_no_signature(packages, tmp_path, capsys,
                                                                              monkeypatch):
     monkeypatch.setenv("BLOCKSTUDIO_WATERMARK_KEY", "from-the-environment")
