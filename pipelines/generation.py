@@ -1,13 +1,13 @@
 """Generation with content and style adapters in a warm pipeline.
 
 `StudioPipeline` loads a base model once and keeps two adapter slots, `content` and `style`, plus one slot per
-optional part asked for beside a choice (`content_boundary` for a SplitFlux package's boundary blocks). Pointing
+optional part asked for beside a choice (`content_boundary` for a package's optional `boundary` part). Pointing
 a slot at another package replaces only that adapter (PEFT hotswap where enabled, else delete and load); the
 base weights are never reloaded. The calls it makes are the plain diffusers ones, so the same call in diffusers
 with the package's files (`load_lora_weights`, `set_adapters`, a CPU generator) gives the same image.
 
 Which part a slot loads by default is the package's own record (`AdapterPackage.part_for`): the content part
-mixing uses (SplitFlux: the content branch alone, as in the paper), the one for new prompts, the style part.
+mixing uses (its recipe's composition says which), the one for new prompts, the style part.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipelines import checks, formats
 from pipelines.errors import BlockStudioError, InvalidAdapter
-from pipelines.models import building_modules, load_pipeline, resolve_model
+from pipelines.models import architecture, building_modules, load_pipeline, resolve_model
 from pipelines.package import AdapterPackage
 
 _PLACEHOLDER = re.compile(r"\[(c|s)\]", re.IGNORECASE)
@@ -66,15 +66,12 @@ def expand_prompt(prompt: str, content_token: str | None, style_token: str | Non
     return _PLACEHOLDER.sub(repl, prompt)
 
 
-def default_prompt(has_content: bool, has_style: bool, method: str = "b-lora") -> str:
-    subject = "[c]" if method == "b-lora" else "[c] object"
-    if has_content and has_style:
-        return f"A {subject} in [s] style"
-    if has_content:
-        return f"A {subject}"
-    if has_style:
-        return "A cat in [s] style"
-    return "A photo of a cat"
+def default_prompt(has_content: bool, has_style: bool, method: str | None = None) -> str:
+    """A prompt for what was chosen, in the words of the package's recipe (`[c]`, `[c] object`, ...)."""
+    from pipelines.recipes import prompt_for, recipe_of
+
+    recipe = recipe_of(method)
+    return prompt_for(recipe.subject if recipe is not None else "[c]", has_content, has_style)
 
 
 @dataclass
@@ -138,14 +135,14 @@ class StudioPipeline:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer if self.spec.arch == "flux" else self.pipe.unet
+        return getattr(self.pipe, self._component())
 
     def _component(self) -> str:
-        return "transformer" if self.spec.arch == "flux" else "unet"
+        return architecture(self.spec.arch).denoiser
 
     def _check_package(self, choice: AdapterChoice) -> tuple[frozenset[str], int]:
         """Refuse a package that does not fit the model; return the modules it targets and its largest rank."""
-        arch = choice.package.info.get("arch", "sdxl")
+        arch = choice.package.meta.arch
         if arch != self.spec.arch:
             raise InvalidAdapter(
                 f"package {choice.package.name} is for {arch.upper()} but the model {self.model} is {self.spec.arch.upper()}"
@@ -219,7 +216,7 @@ class StudioPipeline:
         fast: bool = False,
     ) -> list[Image.Image]:
         """Images for `prompt`; `steps` None means the model's default, or its "fast" steps with `fast=True`."""
-        method = (content or style).package.method if (content or style) else "b-lora"
+        method = (content or style).package.method if (content or style) else None
         if prompt is None:
             prompt = default_prompt(content is not None, style is not None, method)
         text = expand_prompt(

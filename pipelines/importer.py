@@ -1,9 +1,10 @@
-"""Import a B-LoRA made elsewhere into an adapter package.
+"""Import a LoRA made elsewhere into an adapter package of a recipe that says it can read it.
 
-Accepted: the official repository's files (`unet.<module>.lora.down.weight`), the `unet.unet.`-prefixed files
-of the `lora-library` Hub models, diffusers' `--use_blora` script output (PEFT or diffusers keys), and kohya
-files with diffusers or SGM (`output_blocks_0_1`) names. The file's keys and shapes are checked against the
-base model's UNet, built empty from its config (no weights are loaded), before anything is written.
+Each recipe's `ImportSpec` names the layouts it reads and splits the LoRA into its parts; B-LoRA's reads the
+official repository's files (`unet.<module>.lora.down.weight`), the `unet.unet.`-prefixed files of the
+`lora-library` Hub models, diffusers' `--use_blora` script output (PEFT or diffusers keys), and kohya files with
+diffusers or SGM (`output_blocks_0_1`) names. The file's keys and shapes are checked against the base model's
+denoiser, built empty from its config (no weights are loaded), before anything is written.
 """
 
 from __future__ import annotations
@@ -14,71 +15,87 @@ from pathlib import Path
 import torch
 
 from pipelines import formats
-from pipelines.blora import BLOCKS, COMPOSITION, split_by_block
 from pipelines.errors import InvalidAdapter, ModelNotAvailable
-from pipelines.models import building_modules, model_path, resolve_model
+from pipelines.models import architecture, building_modules, model_path, resolve_model
 from pipelines.package import PackageContents, check_name, check_token, write_package
 from pipelines.storage import check_writable_target
 
 
-def unet_skeleton(model: str) -> torch.nn.Module:
-    """The model's UNet with its real shapes and names but no weights (meta device)."""
+def denoiser_skeleton(model: str) -> torch.nn.Module:
+    """The model's UNet or transformer with its real shapes and names but no weights (meta device)."""
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     spec = resolve_model(model)
-    if spec.arch != "sdxl":
-        raise InvalidAdapter(f"B-LoRA import needs an SDXL base model, not {model}")
+    arch = architecture(spec.arch)
     if spec.tiny or spec.repo_id is None:
-        config_path = model_path(model) / "unet" / "config.json"
+        config_path = model_path(model) / arch.denoiser / "config.json"
     else:
         from huggingface_hub import hf_hub_download
 
+        member = f"{arch.denoiser}/config.json"
         try:
-            config_path = Path(hf_hub_download(spec.repo_id, "unet/config.json"))
+            config_path = Path(hf_hub_download(spec.repo_id, member))
         except Exception:
             try:
-                config_path = Path(hf_hub_download(spec.repo_id, "unet/config.json", local_files_only=True))
+                config_path = Path(hf_hub_download(spec.repo_id, member, local_files_only=True))
             except Exception:
                 raise ModelNotAvailable(
-                    f"the UNet config of {spec.repo_id} is not cached and the Hub cannot be reached; "
-                    "use --model tiny-sdxl offline or download the model once"
+                    f"the {arch.denoiser} config of {spec.repo_id} is not cached and the Hub cannot be reached; "
+                    f"use --model {arch.tiny_model} offline or download the model once"
                 ) from None
     config = json.loads(Path(config_path).read_text())
     with building_modules(), init_empty_weights():
-        return UNet2DConditionModel.from_config(config)
+        return getattr(diffusers, arch.denoiser_class).from_config(config)
 
 
-def import_lora(file: str | Path, out: str | Path, *, model: str = "sdxl", token: str | None = None,
-                method: str = "b-lora", pipe=None, force: bool = False) -> Path:
-    """Check `file` against `model` and write it as a B-LoRA package at `out` (replacing one only with `force`)."""
-    if method != "b-lora":
-        raise InvalidAdapter(f"importing {method} adapters is not supported")
+def unet_skeleton(model: str) -> torch.nn.Module:
+    """`denoiser_skeleton` of an SDXL model (its UNet)."""
+    return denoiser_skeleton(model)
+
+
+def import_lora(file: str | Path, out: str | Path, *, model: str | None = None, token: str | None = None,
+                method: str | None = None, pipe=None, force: bool = False) -> Path:
+    """Check `file` against `model` and write it as a package of `method` at `out` (replacing one only with
+    `force`). `method` None is the first recipe that imports; `model` None that recipe's default model."""
+    from pipelines.recipes import all_recipes, recipe_for
+
+    if method is None:
+        method = next((spec.key for spec in all_recipes() if spec.importer is not None), "")
+    spec = recipe_for(method)
+    if spec.importer is None:
+        raise InvalidAdapter(f"importing {spec.name} adapters is not supported")
+    model = model or spec.defaults()["model"]
+    base = resolve_model(model)
+    arch = architecture(spec.arch)
+    if base.arch != spec.arch:
+        raise InvalidAdapter(f"{spec.name} import needs {arch.a_label} base model, not {model}")
     out = check_writable_target(out, force=force)
     check_name(out.name)
     file = Path(file)
     tensors, metadata = formats.read_safetensors(file)
-    unet = pipe.unet if pipe is not None else unet_skeleton(model)
-    module_names = list(formats.linear_layers(unet))
-    canonical = formats.normalize_lora(tensors, module_names, component="unet")
-    ranks = formats.validate_against(canonical, unet)
-    outside = sorted(m for m in ranks if not any(m.startswith(b + ".") for b in BLOCKS.values()))
-    if outside:
-        raise InvalidAdapter(
-            f"{file.name} is not a B-LoRA: it has weights outside up_blocks.0.attentions.0/1, e.g. {outside[0]}"
-        )
-    parts = {role: state for role, state in split_by_block(canonical).items() if state}
-    token = check_token(token or _token_from_metadata(metadata) or "[v]")
-    spec = resolve_model(model)
+    denoiser = getattr(pipe, arch.denoiser) if pipe is not None else denoiser_skeleton(model)
+    module_names = list(formats.linear_layers(denoiser))
+    canonical = formats.normalize_lora(tensors, module_names, component=arch.denoiser)
+    ranks = formats.validate_against(canonical, denoiser)
+    try:
+        parts = spec.importer.split(canonical)
+    except InvalidAdapter as exc:
+        raise InvalidAdapter(f"{file.name}: {exc}") from None
+    token = check_token(token or _token_from_metadata(metadata) or spec.importer.default_token)
+    part_ranks = {role: max(ranks[m.rsplit(".lora_", 1)[0]] for m in state) for role, state in parts.items()}
     info = {
-        "method": "b-lora",
-        "base_model": spec.name if (spec.tiny or spec.repo_id) else Path(spec.name).name,
-        "arch": "sdxl",
+        "method": spec.key,
+        "base_model": base.name if (base.tiny or base.repo_id) else Path(base.name).name,
+        "arch": spec.arch,
         "token": token,
-        "prompt": f"A {token}",
-        "blocks": {role: BLOCKS[role] for role in parts},
-        "composition": COMPOSITION,
-        "ranks": {role: max(ranks[m.rsplit(".lora_", 1)[0]] for m in state) for role, state in parts.items()},
+        "prompt": f"A {spec.subject.replace('[c]', token)}",
+        "blocks": {role: spec.importer.blocks[role] for role in parts if role in spec.importer.blocks},
+        "composition": spec.composition.to_json(),
+        "ranks": part_ranks,
+        "parts": {role: {k: v for k, v in {"blocks": spec.importer.blocks.get(role), "rank": part_ranks[role],
+                                           "description": getattr(spec.part(role), "description", None)}.items()
+                         if v is not None} for role in parts},
         "imported_from": file.name,
         "source_metadata": {k: v for k, v in metadata.items() if len(v) < 2000},
     }

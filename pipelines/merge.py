@@ -194,14 +194,16 @@ def merge_packages(packages: list[AdapterPackage], out, name: str, options: Merg
     info = {
         "method": first.method,
         "base_model": first.base_model,
-        "arch": first.info.get("arch", "sdxl"),
-        "base_model_id": first.info.get("base_model_id", ""),
+        "arch": first.meta.arch,
+        "base_model_id": first.meta.base_model_id or "",
         "token": first.token,
         "style_token": first.style_token,
         "prompt": f"A lighthouse in {first.style_token} style",
         "rank": max(ranks),
         "ranks": {"style": max(ranks)},
         "blocks": {"style": _style_blocks(packages)},
+        "parts": {"style": {"blocks": _style_blocks(packages), "rank": max(ranks),
+                            "description": f"the styles of {', '.join(p.name for p in packages)}, merged"}},
         "composition": {"name": "merged style", "optional": [], "uses": {"style": "style"}},
         "sample_prompts": {},
         "merge": {
@@ -216,8 +218,7 @@ def merge_packages(packages: list[AdapterPackage], out, name: str, options: Merg
             "sources": [{"name": p.name, "token": p.style_token, "part": p.part_for("style")} for p in packages],
         },
     }
-    contents = PackageContents(name=name, info=info, full=result.state, parts={"style": result.state},
-                               prefix="transformer" if info["arch"] == "flux" else "unet")
+    contents = PackageContents(name=name, info=info, full=result.state, parts={"style": result.state})
     return write_package(out, contents, replace=replace)
 
 

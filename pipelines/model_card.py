@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 
-from pipelines.package import describe_part
+from pipelines.models import ARCHITECTURES
+from pipelines.package_info import PackageInfo, as_package_info
 
-LICENSES = {"sdxl": "openrail++", "flux": "other"}
 # The Hub ids of the base models. The tiny offline models have none: their cards name no `base_model`, since
 # an adapter for tiny-sdxl does not load into SDXL (same block names, other widths).
 BASE_IDS = {
@@ -18,55 +18,53 @@ BASE_IDS = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "flux-schnell": "black-forest-labs/FLUX.1-schnell",
 }
-PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
-SAMPLE_PROMPTS = {
-    "input": "{prompt}",
-    "full": "{prompt}",
-    "content": "{content_prompt}",
-    "style": "{style_prompt}",
-}
+# What the card's Training table lists of every package; a recipe adds its own settings (`card_settings`).
+TRAINING_KEYS = ("method", "base_model", "steps", "rank", "learning_rate", "resolution", "seed", "blocks",
+                 "target_modules")
 
 
 def _yaml_str(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def render_model_card(info: dict) -> str:
-    arch = info.get("arch", "sdxl")
-    base = info.get("base_model", "sdxl")
+def render_model_card(info: PackageInfo | dict) -> str:
+    """README.md of a package: Hub front matter, its parts, how to use them, how it was trained."""
+    from pipelines.recipes import recipe_of
+
+    info = as_package_info(info)
+    recipe = recipe_of(info.method)
+    arch = ARCHITECTURES.get(info.arch, ARCHITECTURES["sdxl"])
+    base = info.base_model or arch.default_model
     base_id = BASE_IDS.get(base, base)
-    token = info.get("token", "[v]")
-    method = info.get("method", "b-lora")
-    name = info.get("name", "adapter")
-    prompt = info.get("prompt", f"A {token}")
+    token = info.token
+    method = info.method or "adapter"
+    name = info.name or "adapter"
+    prompt = info.prompt or f"A {token}"
     tiny = base.startswith("tiny-")
-    samples = [s for s in info.get("files", {}).get("samples", []) if not s.endswith("input.png")]
+    samples = [s for s in info.files.get("samples", []) if not s.endswith("input.png")]
     lines = ["---"] + ([] if tiny else [f"base_model: {_yaml_str(base_id)}"]) + [
-        "library_name: diffusers", f"license: {LICENSES.get(arch, 'other')}", f"instance_prompt: {_yaml_str(prompt)}",
+        "library_name: diffusers", f"license: {arch.license}", f"instance_prompt: {_yaml_str(prompt)}",
         "tags:"]
-    tags = ["text-to-image", "lora", "diffusers", "template:sd-lora", method, "blockstudio",
-            "stable-diffusion-xl" if arch == "sdxl" else "flux"]
+    tags = ["text-to-image", "lora", "diffusers", "template:sd-lora", method, "blockstudio", arch.hub_tag]
     lines += [f"- {t}" for t in tags]
     if samples:
         lines.append("widget:")
         for sample in samples:
             stem = sample.rsplit("/", 1)[-1].removesuffix(".png")
-            text = info.get("sample_prompts", {}).get(stem, prompt)
+            text = info.sample_prompts.get(stem, prompt)
             lines += [f"- text: {_yaml_str(text)}", "  output:", f"    url: {sample}"]
     lines.append("---")
-    files = info.get("files", {})
-    parts = [p for p in files if p not in ("full", "samples") and not p.startswith("kohya")]
-    composition = info.get("composition") if isinstance(info.get("composition"), dict) else {}
-    uses = composition.get("uses") if isinstance(composition.get("uses"), dict) else {}
-    mix_part = uses.get("mix", "content")
-    pipeline = PIPELINES.get(arch, "DiffusionPipeline")
-    content_prompt = f"A {token}" if method == "b-lora" else f"A {token} object"
-    dtype = "bfloat16" if arch == "flux" else "float16"
+    parts = [p for p in info.files if p not in ("full", "samples") and not p.startswith("kohya")]
+    composition = info.composition
+    mix_part, style_part = info.part_for("mix"), info.part_for("style")
+    subject = recipe.subject if recipe is not None else "[c]"
+    content_prompt = f"A {subject.replace('[c]', token)}"
     if tiny:
         load_base = [f"from pipelines.models import model_path  # {base} is built by Block Studio, not on the Hub",
-                     "", f'pipe = {pipeline}.from_pretrained(model_path("{base}"))']
+                     "", f'pipe = {arch.pipeline}.from_pretrained(model_path("{base}"))']
     else:
-        load_base = ["", f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.{dtype}).to("cuda")']
+        load_base = ["", f'pipe = {arch.pipeline}.from_pretrained("{base_id}", torch_dtype=torch.{arch.dtype})'
+                         '.to("cuda")']
     body = [
         "",
         f"# {name}",
@@ -88,9 +86,11 @@ def render_model_card(info: dict) -> str:
         "| `pytorch_lora_weights.safetensors` | every part together (diffusers format) |",
     ]
     for part in parts:
-        entry = info.get("parts", {}).get(part) if isinstance(info.get("parts"), dict) else None
-        what = entry.get("description", part) if isinstance(entry, dict) else DESCRIPTIONS.get(part, part)
-        body.append(f"| `{part}.safetensors` | {what}: {describe_part(info, part)} |")
+        entry = info.parts.get(part)
+        described = recipe.part(part) if recipe is not None else None
+        what = (entry.description if entry is not None and entry.description
+                else described.description if described is not None else DESCRIPTIONS.get(part, part))
+        body.append(f"| `{part}.safetensors` | {what}: {info.describe_part(part)} |")
     body += [
         f"| `kohya/{name}*.safetensors` | the same in kohya/WebUI format for ComfyUI, A1111 and Forge |",
         "",
@@ -98,7 +98,7 @@ def render_model_card(info: dict) -> str:
         "",
         "```python",
         "import torch",
-        f"from diffusers import {pipeline}",
+        f"from diffusers import {arch.pipeline}",
         *load_base,
         f'pipe.load_lora_weights("{name}", weight_name="{mix_part}.safetensors", adapter_name="content")',
         'pipe.load_lora_weights("<another package>", weight_name="style.safetensors", adapter_name="style")',
@@ -111,16 +111,16 @@ def render_model_card(info: dict) -> str:
         "`alpha = a` equals a scale of `a * a` here.",
         "",
     ]
-    if uses:
-        body += _composition_notes(uses, composition.get("optional", []))
-    if method == "splitflux":
-        body += _splitflux_notes(info)
-    if isinstance(info.get("adapter"), dict):
-        body += _rank_notes(info["adapter"], info.get("exported_from"))
+    if composition is not None:
+        body += _composition_notes(composition.uses, composition.optional)
+    if recipe is not None and recipe.card_notes is not None:
+        body += recipe.card_notes(info)
+    if isinstance(info.adapter, dict):
+        body += _rank_notes(info.adapter, info.exported_from)
     body += [
         "## Use with ComfyUI, A1111 or Forge",
         "",
-        f"Load `kohya/{name}_{mix_part}.safetensors` or `kohya/{name}_style.safetensors` with a LoRA loader node "
+        f"Load `kohya/{name}_{mix_part}.safetensors` or `kohya/{name}_{style_part}.safetensors` with a LoRA loader node "
         "on the same base model, and put the trigger token in the prompt.",
         "",
         "## Training",
@@ -128,12 +128,11 @@ def render_model_card(info: dict) -> str:
         "| setting | value |",
         "| --- | --- |",
     ]
-    for key in ("method", "base_model", "steps", "rank", "content_rank", "rca_alpha", "learning_rate", "resolution",
-                "seed", "blocks", "target_modules", "complementary_weight", "complementary_reduction", "optimizer",
-                "style_text", "created"):
-        if key in info:
-            body.append(f"| {key} | `{_cell(info[key])}` |")
-    silent = info.get("paper_silent")
+    recorded = info.to_dict()
+    for key in (*TRAINING_KEYS, *(recipe.card_settings if recipe is not None else ()), "created"):
+        if key in recorded:
+            body.append(f"| {key} | `{_cell(recorded[key])}` |")
+    silent = info.extra.get("paper_silent")
     if isinstance(silent, dict) and silent:
         body += ["", "## Choices the paper leaves open", "", "Each is a training setting; this package used:", "",
                  "| setting | value | what it decides |", "| --- | --- | --- |"]
@@ -181,23 +180,3 @@ def _composition_notes(uses: dict, optional: list) -> list[str]:
         lines += ["", f"Loaded only when asked for: {', '.join(f'`{p}.safetensors`' for p in optional)} (at the "
                       "content scale, as an adapter of its own)."]
     return lines + [""]
-
-
-def _splitflux_notes(info: dict) -> list[str]:
-    style_token = info.get("style_token", "[s]")
-    gate = info.get("gate", {})
-    files = info.get("files", {})
-    notes = [
-        "## SplitFlux parts",
-        "",
-        f"Content was trained with `{info.get('content_prompt')}`, style with `{info.get('style_prompt')}`; "
-        f"the style token is `{style_token}`. The content branch alone (`content_reembed.safetensors`) puts the "
-        "subject in new prompts (`A <token> object ...`) and, as in the paper, mixes with another package's style.",
-        f"The content blocks' two gated branches are exported as {gate.get('exported_content', 'one LoRA')}; "
-        "the gate depends on the input, so no fixed LoRA reproduces it exactly. Every scale, the boundary blocks' "
-        "rank-constrained alpha included, is already multiplied into `lora_B`: load every file at scale 1.",
-    ]
-    if "boundary" in files:
-        notes.append("The boundary blocks are a file of their own, `boundary.safetensors`; the paper loads no "
-                     "adapter there at inference, so add it only to try it.")
-    return notes + [""]

@@ -56,7 +56,7 @@ def building_modules() -> Iterator[None]:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    arch: str  # "sdxl" or "flux"
+    arch: str  # a key of ARCHITECTURES
     repo_id: str | None  # Hub id; None for tiny models
     resolution: int  # training and default generation size
     steps: int  # default inference steps (the reference pipeline's own default)
@@ -73,6 +73,53 @@ class ModelSpec:
     def inference_steps(self, fast: bool = False) -> int:
         """The default number of inference steps, or the "fast" one."""
         return self.fast_steps if fast else self.steps
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the code needs to know of a model architecture, whatever recipe trains on it: which component carries
+    the adapters, the pipeline class, the dtype it runs in, and how kohya tools and the Hub name it."""
+
+    name: str  # "sdxl", "flux"
+    label: str  # "SDXL", "Flux": as a sentence names it
+    article: str  # "an" or "a", before the label
+    denoiser: str  # the pipeline component adapters go on: "unet" or "transformer"
+    denoiser_class: str  # its diffusers class, built empty from its config for checks
+    pipeline: str  # the diffusers pipeline class
+    dtype: str  # the torch dtype it generates in on a GPU
+    default_model: str  # the registry model of full size, whose settings an unknown folder or Hub id takes
+    tiny_model: str  # the offline stand-in
+    license: str  # the Hub license of an adapter for it
+    hub_tag: str
+    kohya_base_version: str  # ss_base_model_version
+    modelspec_architecture: str
+    modelspec_implementation: str
+    kohya_network_module: str | None = None  # sd-scripts' network module, where its files name one
+
+    @property
+    def a_label(self) -> str:
+        return f"{self.article} {self.label}"
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        Architecture("sdxl", "SDXL", "an", "unet", "UNet2DConditionModel", "StableDiffusionXLPipeline", "float16",
+                     "sdxl", "tiny-sdxl", "openrail++", "stable-diffusion-xl", "sdxl_base_v1-0",
+                     "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models",
+                     kohya_network_module="networks.lora"),
+        Architecture("flux", "Flux", "a", "transformer", "FluxTransformer2DModel", "FluxPipeline", "bfloat16",
+                     "flux-dev", "tiny-flux", "other", "flux", "flux1", "flux-1-dev/lora",
+                     "https://github.com/black-forest-labs/flux"),
+    )
+}
+
+
+def architecture(name: str) -> Architecture:
+    """The architecture `name` (one line naming the known ones if there is none of that name)."""
+    if name not in ARCHITECTURES:
+        raise ModelNotAvailable(f"unknown architecture {name!r}; Block Studio knows {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -122,12 +169,12 @@ def resolve_model(name: str) -> ModelSpec:
     path = Path(name).expanduser()
     if path.is_dir():
         arch = _arch_of_folder(path)
-        base = REGISTRY["sdxl" if arch == "sdxl" else "flux-dev"]
+        base = REGISTRY[architecture(arch).default_model]
         return ModelSpec(str(path.resolve()), arch, None, base.resolution, base.steps, base.guidance, fast=base.fast)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         lowered = name.lower()
         arch = "flux" if "flux" in lowered else "sdxl"
-        base = REGISTRY["sdxl" if arch == "sdxl" else "flux-dev"]
+        base = REGISTRY[architecture(arch).default_model]
         return ModelSpec(name, arch, name, base.resolution, base.steps, base.guidance, fast=base.fast)
     raise ModelNotAvailable(
         f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, a Hub id (owner/name) or a local diffusers folder"
@@ -167,7 +214,7 @@ def model_path(name: str) -> Path:
 
 
 def _offline_message(spec: ModelSpec) -> str:
-    tiny = "tiny-flux" if spec.arch == "flux" else "tiny-sdxl"
+    tiny = architecture(spec.arch).tiny_model
     return (
         f"model {spec.name} ({spec.repo_id}) is not in the local Hugging Face cache and the Hub cannot be "
         f"reached; download it once with network access, or use --model {tiny} to try the workflow offline"
@@ -184,9 +231,7 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device, arch: str) -> torch.dtype:
     if device.type == "cuda":
-        if arch == "flux":
-            return torch.bfloat16
-        return torch.float16
+        return getattr(torch, architecture(arch).dtype)
     return torch.float32
 
 

@@ -4,7 +4,8 @@
       pytorch_lora_weights.safetensors   the whole adapter, diffusers format (pipe.load_lora_weights(folder))
       content.safetensors, style.safetensors, ...   each part alone, diffusers format
       kohya/<name>.safetensors, kohya/<name>_<part>.safetensors   kohya/WebUI format for ComfyUI, A1111, Forge
-      adapter.json                       method, base model, blocks, ranks, token, steps, seed, versions, files
+      adapter.json                       method, base model, parts, composition, token, steps, seed, versions,
+                                         files (`PackageInfo`, typed and versioned: see package_info.py)
       dylora.safetensors or sora.safetensors   the trained factors of a rank adapter (see rank_export.py)
       README.md                          model card with Hub front matter
       samples/*.png                      previews; samples/input.png is the trained crop
@@ -15,6 +16,7 @@ one, never a mixture.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,9 +32,12 @@ from PIL import Image
 from pipelines import formats
 from pipelines.checks import check_weights
 from pipelines.errors import InvalidAdapter, UnsafeName
+from pipelines.models import architecture
+from pipelines.package_info import PACKAGE_FORMAT_VERSION, Composition, PackageInfo, PartInfo, as_package_info
 from pipelines.storage import atomic_dir, write_json
 
-PACKAGE_FORMAT_VERSION = 1
+__all__ = ["PACKAGE_FORMAT_VERSION", "AdapterPackage", "Composition", "PackageContents", "PackageInfo", "PartInfo",
+           "check_name", "check_token", "describe_part", "image_number", "token_for_image", "write_package"]
 FULL_WEIGHTS = "pytorch_lora_weights.safetensors"
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_\[\]<>\-]{1,32}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -59,12 +64,17 @@ def check_name(name: str) -> str:
     return name
 
 
-def token_for_image(image: Image.Image) -> str:
-    """A token unique to an image's pixels, in the style of the official examples (`[v18]`, `[v30]`)."""
+def image_number(image: Image.Image) -> str:
+    """A number from 0 to 999 drawn from an image's pixels: the `42` of the tokens a run derives (`[v42]`)."""
     import hashlib
 
     digest = hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
-    return f"[v{int(digest[:8], 16) % 1000}]"
+    return str(int(digest[:8], 16) % 1000)
+
+
+def token_for_image(image: Image.Image) -> str:
+    """A token unique to an image's pixels, in the style of the official examples (`[v18]`, `[v30]`)."""
+    return f"[v{image_number(image)}]"
 
 
 def library_versions() -> dict[str, str]:
@@ -84,12 +94,12 @@ class PackageContents:
     """What a recipe hands `write_package`."""
 
     name: str
-    info: dict  # method, base_model, arch, token, prompts, blocks, ranks, steps, seed, resolution, ...
+    info: PackageInfo | dict  # adapter.json: method, base model, arch, token, parts, composition, steps, ...
     full: dict[str, torch.Tensor]  # canonical state dict of the whole adapter
     parts: dict[str, dict[str, torch.Tensor]]  # role -> canonical state dict ("content", "style", ...)
     samples: dict[str, Image.Image] = field(default_factory=dict)  # file stem -> image
     loss_history: list[float] = field(default_factory=list)
-    prefix: str = "unet"
+    prefix: str | None = None  # the denoiser the keys belong to; None: the architecture's
     # file stem -> tensors written as-is to `<stem>.safetensors` (the trained factors of a DyLoRA or SoRA adapter)
     extra_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -112,26 +122,24 @@ def _network_dims(kohya: dict[str, torch.Tensor]) -> tuple[str, str]:
             f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic")
 
 
-def _kohya_metadata(info: dict, part: str, kohya: dict[str, torch.Tensor]) -> dict[str, object]:
-    arch = info.get("arch", "sdxl")
-    meta = _file_metadata(info, part)
-    # A style part answers to the style token where the method trains one of its own (SplitFlux).
-    trigger = (info.get("style_token") or info.get("token")) if part == "style" else info.get("token")
+def _kohya_metadata(info: PackageInfo, part: str, kohya: dict[str, torch.Tensor]) -> dict[str, object]:
+    arch = architecture(info.arch)
+    meta = _file_metadata(info.to_dict(), part)
+    trigger = info.trigger(part)
     dim, alpha = _network_dims(kohya)
-    if arch == "sdxl":
+    if arch.kohya_network_module:
         # sd-scripts' own module names (see formats.to_kohya), so its network module may be named.
-        meta["ss_network_module"] = "networks.lora"
+        meta["ss_network_module"] = arch.kohya_network_module
     meta.update({
         "ss_network_dim": dim,
         "ss_network_alpha": alpha,
-        "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "flux1",
-        "ss_output_name": f"{info.get('name', 'adapter')}_{part}",
-        "ss_training_comment": f"{info.get('method')} {part}; trigger {trigger}",
+        "ss_base_model_version": arch.kohya_base_version,
+        "ss_output_name": f"{info.name or 'adapter'}_{part}",
+        "ss_training_comment": f"{info.method} {part}; trigger {trigger}",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if arch == "sdxl" else "flux-1-dev/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
-        else "https://github.com/black-forest-labs/flux",
-        "modelspec.title": f"{info.get('name', 'adapter')} ({part})",
+        "modelspec.architecture": arch.modelspec_architecture,
+        "modelspec.implementation": arch.modelspec_implementation,
+        "modelspec.title": f"{info.name or 'adapter'} ({part})",
         "modelspec.trigger_phrase": trigger or "",
     })
     return meta
@@ -143,7 +151,7 @@ def _kohya_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return formats.to_kohya(state, "lora_unet" if prefix == "unet" else f"lora_{prefix}")
 
 
-def _write_kohya(path: Path, info: dict, part: str, state: dict[str, torch.Tensor], prefix: str) -> None:
+def _write_kohya(path: Path, info: PackageInfo, part: str, state: dict[str, torch.Tensor], prefix: str) -> None:
     kohya = _kohya_state(state, prefix)
     formats.write_safetensors(path, kohya, _kohya_metadata(info, part, kohya))
 
@@ -157,26 +165,28 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
     out = Path(out)
     name = check_name(contents.name)
     check_weights(contents.full, name)
-    info = dict(contents.info)
-    info.setdefault("name", name)
-    files = {"full": FULL_WEIGHTS}
+    info = dataclasses.replace(as_package_info(contents.info))
+    info.name = info.name or name
+    files: dict[str, object] = {"full": FULL_WEIGHTS}
     with atomic_dir(out, replace=replace) as staging:
-        prefix = contents.prefix
+        prefix = contents.prefix or architecture(info.arch).denoiser
+        file_meta = _file_metadata(info.to_dict(), "full")
         peft_meta = formats.peft_metadata(contents.full, prefix)
         formats.write_safetensors(staging / FULL_WEIGHTS, formats.to_diffusers(contents.full, prefix),
-                                  {**_file_metadata(info, "full"), **peft_meta})
+                                  {**file_meta, **peft_meta})
         _write_kohya(staging / "kohya" / f"{name}.safetensors", info, "full", contents.full, prefix)
         files["kohya"] = f"kohya/{name}.safetensors"
         for role, state in contents.parts.items():
             check_name(role)
             formats.write_safetensors(staging / f"{role}.safetensors", formats.to_diffusers(state, prefix),
-                                      {**_file_metadata(info, role), **formats.peft_metadata(state, prefix)})
+                                      {**_file_metadata(info.to_dict(), role), **formats.peft_metadata(state, prefix)})
             files[role] = f"{role}.safetensors"
             _write_kohya(staging / "kohya" / f"{name}_{role}.safetensors", info, role, state, prefix)
             files[f"kohya_{role}"] = f"kohya/{name}_{role}.safetensors"
         for stem, tensors in contents.extra_files.items():
             check_name(stem)
-            formats.write_safetensors(staging / f"{stem}.safetensors", tensors, _file_metadata(info, stem))
+            formats.write_safetensors(staging / f"{stem}.safetensors", tensors,
+                                      _file_metadata(info.to_dict(), stem))
             files[stem] = f"{stem}.safetensors"
         if contents.samples:
             (staging / "samples").mkdir()
@@ -184,17 +194,14 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
                 check_name(stem)
                 image.save(staging / "samples" / f"{stem}.png")
             files["samples"] = sorted(f"samples/{stem}.png" for stem in contents.samples)
-        info.update({
-            "format_version": PACKAGE_FORMAT_VERSION,
-            "files": files,
-            "created": info.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": library_versions(),
-            "scale_convention": "a scale s multiplies the adapter's weight delta (diffusers set_adapters); "
-                                "the official B-LoRA alpha a equals s = a*a",
-        })
+        info.files = files
+        info.created = info.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        info.versions = library_versions()
+        info.scale_convention = ("a scale s multiplies the adapter's weight delta (diffusers set_adapters); "
+                                 "the official B-LoRA alpha a equals s = a*a")
         if contents.loss_history:
             write_json(staging / "loss.json", {"loss": contents.loss_history})
-        write_json(staging / "adapter.json", info)
+        write_json(staging / "adapter.json", info.to_dict())
         if card is None:
             from pipelines.model_card import render_model_card
 
@@ -203,8 +210,8 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
     return out
 
 
-def rewrite_weights(source: str | Path, out: str | Path, states: dict[str, dict[str, torch.Tensor]], info: dict, *,
-                    replace: bool = False, leave_out: tuple[str, ...] = ()) -> Path:
+def rewrite_weights(source: str | Path, out: str | Path, states: dict[str, dict[str, torch.Tensor]],
+                    info: PackageInfo | dict, *, replace: bool = False, leave_out: tuple[str, ...] = ()) -> Path:
     """A copy of package `source` at `out` whose weight parts `states` (part -> canonical state) and adapter.json
     (`info`) are new; every other file but those `leave_out` names (relative paths) comes along as it is
     (hard-linked where possible). Each part's diffusers file and its kohya file are written again, and the model
@@ -214,17 +221,17 @@ def rewrite_weights(source: str | Path, out: str | Path, states: dict[str, dict[
     """
     source, out = Path(source), Path(out)
     package = AdapterPackage.open(source)
-    info = dict(info)
-    name = check_name(info.get("name", package.name))
+    meta = dataclasses.replace(as_package_info(info))
+    name = check_name(meta.name or package.name)
     # A copy under another name gets its kohya files renamed, as the library's rename does.
     moved = {rel: ("kohya/" + name + rel[len("kohya/") + len(package.name):]
                    if rel.startswith(f"kohya/{package.name}") else rel)
-             for rel in info.get("files", {}).values() if isinstance(rel, str)}
-    files = info["files"] = {k: moved.get(v, v) if isinstance(v, str) else v
-                             for k, v in info.get("files", {}).items()}
-    prefix = "transformer" if info.get("arch") == "flux" else "unet"
+             for rel in meta.files.values() if isinstance(rel, str)}
+    files = meta.files = {k: moved.get(v, v) if isinstance(v, str) else v for k, v in meta.files.items()}
+    prefix = architecture(meta.arch).denoiser
     rewritten = {files[part] for part in states} | {files.get("kohya" if part == "full" else f"kohya_{part}")
                                                     for part in states} | {"adapter.json", "README.md"}
+    record = meta.to_dict()
     with atomic_dir(out, replace=replace) as staging:
         for path in package_files(source):
             relative = moved.get(path.relative_to(source).as_posix(), path.relative_to(source).as_posix())
@@ -242,39 +249,21 @@ def rewrite_weights(source: str | Path, out: str | Path, states: dict[str, dict[
             target = staging / files[part]
             target.parent.mkdir(parents=True, exist_ok=True)
             formats.write_safetensors(target, formats.to_diffusers(state, prefix),
-                                      {**_file_metadata(info, part), **formats.peft_metadata(state, prefix)})
+                                      {**_file_metadata(record, part), **formats.peft_metadata(state, prefix)})
             kohya = files.get("kohya" if part == "full" else f"kohya_{part}")
             if isinstance(kohya, str):
-                _write_kohya(staging / kohya, info, part, state, prefix)
-        write_json(staging / "adapter.json", info)
+                _write_kohya(staging / kohya, meta, part, state, prefix)
+        write_json(staging / "adapter.json", record)
         from pipelines.model_card import render_model_card
 
-        (staging / "README.md").write_text(render_model_card(info))
+        (staging / "README.md").write_text(render_model_card(meta))
     return out
 
 
-def describe_part(info: dict, part: str) -> str:
+def describe_part(info: PackageInfo | dict, part: str) -> str:
     """What a part holds, from adapter.json: `blocks (branch xscale, ...)`, or the description an older package
     recorded, or the block of that role."""
-    parts = info.get("parts")
-    entry = parts.get(part) if isinstance(parts, dict) else None
-    if isinstance(entry, dict):
-        branches = entry.get("branches")
-        listed = ", ".join(f"{b} x{w:g}" if _is_number(w) else str(b)
-                           for b, w in branches.items()) if isinstance(branches, dict) else ""
-        return str(entry.get("blocks", "?")) + (f" ({listed})" if listed else "")
-    if isinstance(entry, str):
-        return entry
-    blocks = info.get("blocks")
-    return str(blocks.get(part, part)) if isinstance(blocks, dict) else part
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _names(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return as_package_info(info).describe_part(part)
 
 
 def package_files(folder: str | Path, *, hidden: bool = False) -> list[Path]:
@@ -299,10 +288,11 @@ def has_links(folder: str | Path) -> bool:
 
 @dataclass
 class AdapterPackage:
-    """A package folder read back from disk."""
+    """A package folder read back from disk: `info` is adapter.json as it is on disk, `meta` the typed record."""
 
     path: Path
     info: dict
+    _meta: PackageInfo | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path) -> AdapterPackage:
@@ -314,31 +304,40 @@ class AdapterPackage:
             info = json.loads(meta.read_text())
         except json.JSONDecodeError as exc:
             raise InvalidAdapter(f"{meta}: unreadable ({exc})") from None
-        return cls(path, info)
+        package = cls(path, info)
+        package.meta  # noqa: B018 - an adapter.json that cannot be read is refused here, in one line
+        return package
+
+    @property
+    def meta(self) -> PackageInfo:
+        """adapter.json as a `PackageInfo` (older formats read as the current one)."""
+        if self._meta is None:
+            self._meta = PackageInfo.from_dict(self.info)
+        return self._meta
 
     @property
     def name(self) -> str:
-        return self.info.get("name", self.path.name)
+        return self.meta.name or self.path.name
 
     @property
     def token(self) -> str:
-        return self.info.get("token", "[v]")
+        return self.meta.token
 
     @property
     def style_token(self) -> str:
-        """The token that stands for this package's style (SplitFlux trains one of its own; B-LoRA shares one)."""
-        return self.info.get("style_token") or self.token
+        """The token that stands for this package's style: its own where the recipe trains one, else the token."""
+        return self.meta.trigger(self.meta.part_for("style"))
 
     @property
     def method(self) -> str:
-        return self.info.get("method", "")
+        return self.meta.method
 
     @property
     def base_model(self) -> str:
-        return self.info.get("base_model", "")
+        return self.meta.base_model
 
     def file(self, part: str) -> Path:
-        files = self.info.get("files", {})
+        files = self.meta.files
         if part not in files:
             raise InvalidAdapter(f"package {self.name} has no {part!r} part (it has {', '.join(self.parts())})")
         path = self.member(files[part]) if isinstance(files[part], str) else None
@@ -364,48 +363,37 @@ class AdapterPackage:
 
     def parts(self) -> list[str]:
         """The weight files the package holds, by part name (`full`, `content`, `style`, ...)."""
-        return sorted(k for k in self.info.get("files", {}) if k != "samples" and not k.startswith("kohya"))
+        return sorted(k for k in self.meta.files if k != "samples" and not k.startswith("kohya"))
 
     def has(self, part: str) -> bool:
-        return part in self.info.get("files", {})
+        return part in self.meta.files
 
     @property
     def composition(self) -> dict:
-        """Which part each use loads (`uses`: mix, content, reembed, style) and which parts are optional.
-
-        Recorded in adapter.json by the recipe. A package written before that record keeps the composition it
-        was always used with: its `content` part for mixing and `content_reembed` (where it has one) for new
-        prompts; `recorded` is False for it.
-        """
-        recorded = self.info.get("composition")
-        if (isinstance(recorded, dict) and isinstance(recorded.get("uses"), dict)
-                and _names(list(recorded["uses"].values())) and _names(recorded.get("optional", []))):
-            return {"optional": [], **recorded, "recorded": True}
-        reembed = "content_reembed" if self.has("content_reembed") else "content"
-        return {"recorded": False, "name": "unrecorded", "optional": [],
-                "uses": {"mix": "content", "content": "content", "reembed": reembed, "style": "style"}}
+        """Which part each use loads (`uses`: mix, content, reembed, style), which parts are optional, and
+        whether the package recorded it (`recorded`; see `PackageInfo.used_composition`)."""
+        used = self.meta.used_composition()
+        return {**used.to_json(), "recorded": used.recorded}
 
     def part_for(self, use: str) -> str:
         """The part the package loads for `use`; a use it does not record falls back to the part of that name."""
-        part = self.composition["uses"].get(use, use)
-        if not isinstance(part, str) or not self.has(part):
+        part = self.meta.part_for(use)
+        if not self.has(part):
             raise InvalidAdapter(f"package {self.name} has no part for {use!r} (it has {', '.join(self.parts())})")
         return part
 
     def describe_part(self, part: str) -> str:
-        return describe_part(self.info, part)
+        return self.meta.describe_part(part)
 
     def composition_line(self) -> str:
         """One line saying what mixing and new prompts load, for the library."""
-        comp = self.composition
-        uses = comp["uses"]
-        mix, reembed = uses.get("mix", "content"), uses.get("reembed", "content")
-        head = (f"{comp.get('name', 'recorded')} composition" if comp["recorded"]
-                else "older package (composition not recorded)")
+        comp = self.meta.used_composition()
+        mix, reembed = comp.uses.get("mix", "content"), comp.uses.get("reembed", "content")
+        head = f"{comp.name} composition" if comp.recorded else "older package (composition not recorded)"
         line = f"{head}: mix loads {mix} = {self.describe_part(mix)} with a style part"
         if reembed != mix:
             line += f"; new prompts load {reembed}"
-        optional = [p for p in comp.get("optional", []) if self.has(p)]
+        optional = [p for p in comp.optional if self.has(p)]
         if optional:
             line += f"; {', '.join(optional)} off unless asked for"
         return line
@@ -413,7 +401,7 @@ class AdapterPackage:
     def state_dict(self, part: str = "full") -> dict[str, torch.Tensor]:
         """The canonical state dict of one part, read from its diffusers file."""
         tensors, _ = formats.read_safetensors(self.file(part))
-        prefix = "transformer" if self.info.get("arch") == "flux" else "unet"
+        prefix = architecture(self.meta.arch).denoiser
         modules = sorted({k[len(prefix) + 1:].rsplit(".lora.", 1)[0] for k in tensors})
         return formats.normalize_lora(tensors, modules, component=prefix)
 

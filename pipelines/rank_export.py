@@ -1,6 +1,7 @@
 """Packages trained with a DyLoRA or SoRA adapter: their trained factors, and export at the rank a user picks.
 
-A B-LoRA trained with `--adapter dylora` or `--adapter sora` is an ordinary package: its diffusers and kohya
+A package trained with `--adapter dylora` or `--adapter sora` (B-LoRA's `adapters`; any recipe that lists them
+in its spec) is an ordinary package: its diffusers and kohya
 files hold a plain LoRA (DyLoRA at its largest rank, SoRA pruned to its live ranks) that any LoRA loader reads.
 Beside them it keeps the trained factors in `<type>.safetensors` (keys as `pipelines.adapters` names them,
 `<module>.lora_A`, `<module>.lora_B`, `<module>.lora_gate`) and records the adapter in `adapter.json`:
@@ -106,11 +107,18 @@ def export_package(source: str | Path, rank: int, out: str | Path, *, force: boo
     """Write the package in `source` at `rank` into `out` as an ordinary package; return `out`.
 
     Everything is checked before anything is written. An existing package (or folder of other files) at `out`
-    is replaced only with `force`, and never the source package itself.
+    is replaced only with `force`, and never the source package itself. The package's recipe splits the whole
+    adapter into its parts again (`RecipeSpec.split`).
     """
-    from pipelines.blora import split_by_block
+    import dataclasses
+
+    from pipelines.recipes import recipe_of
 
     package = AdapterPackage.open(source)
+    recipe = recipe_of(package.method)
+    if recipe is None or recipe.split is None:
+        raise InvalidAdapter(f"{package.name} is a {package.method or 'unknown'} package, which this build cannot "
+                             "write at another rank")
     config, modules = read_trained(package)
     config.check_export_rank(rank, modules)
     out = check_writable_target(out, force=force)
@@ -118,15 +126,17 @@ def export_package(source: str | Path, rank: int, out: str | Path, *, force: boo
     if out.exists() and out.resolve() == package.path.resolve():
         raise ValueError(f"{out} is the package being exported; export into another folder")
     empty = out.is_dir() and not any(out.iterdir())
-    info = {k: v for k, v in package.info.items()
-            if k not in ("files", "created", "versions", "format_version", "sample_prompts", "name")}
     full = lora_state(config, modules, rank)
-    parts = split_by_block(full, info.get("blocks"))
-    empty = sorted(role for role, state in parts.items() if not state)
-    if empty:
-        raise InvalidAdapter(f"at rank {rank} the {empty[0]} part of {package.name} keeps no rank at all")
-    info.update({"rank": rank, "ranks": part_ranks(parts), "exported_from": package.name,
-                 "adapter": {**adapter_info(config, modules, rank), "file": None}})
+    parts = recipe.split(full, package.meta)
+    empty_parts = sorted(role for role, state in parts.items() if not state)
+    if empty_parts:
+        raise InvalidAdapter(f"at rank {rank} the {empty_parts[0]} part of {package.name} keeps no rank at all")
+    ranks = part_ranks(parts)
+    info = dataclasses.replace(
+        package.meta, name="", files={}, created=None, versions=None, sample_prompts={}, rank=rank, ranks=ranks,
+        exported_from=package.name, adapter={**adapter_info(config, modules, rank), "file": None},
+        parts={role: dataclasses.replace(entry, rank=ranks.get(role, entry.rank))
+               for role, entry in package.meta.parts.items()})
     crop = package.sample("input")
     samples = {"input": load_image(crop, min_side=1)} if crop is not None and not crop.is_symlink() else {}
     loss_file = package.path / "loss.json"

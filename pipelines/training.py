@@ -1,4 +1,4 @@
-"""The single-image training loop shared by every recipe (B-LoRA, SplitFlux).
+"""The single-image training loop shared by every recipe (`pipelines.recipes` lists them).
 
 The loop knows nothing of SDXL or Flux. A recipe hands it the trainable parameters, a module to prepare with
 `accelerate`, and a `loss(generator)` function; the loop owns the optimizer, mixed precision, progress events,
@@ -25,12 +25,15 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.checks import real_number, seed, whole_number
+from pipelines.checks import MAX_SEED
 from pipelines.errors import BlockStudioError, InvalidSetting
+from pipelines.settings import check_fields, setting
 from pipelines.storage import atomic_dir, write_json
 
 MAX_STEPS = 100_000
 MAX_LEARNING_RATE = 1.0
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+ATTENTION_CHOICES = ("sdpa", "flash", "efficient", "math", "xformers")
 
 
 class TrainingCancelled(Exception):
@@ -101,62 +104,71 @@ class TrainConfig:
         return asdict(self)
 
 
+_RANK_CHOICES = (4, 8, 16, 32, 64, 128)  # the Train form's rank list
+
+
 @dataclass
 class RunRequest:
     """What every recipe's end-to-end request shares: the image, the package folder, loop and memory options.
 
-    Recipes subclass it (`blora.TrainRequest`, `splitflux.SplitFluxRequest`) with their own defaults and fields.
+    Each field is a `setting` (`pipelines/settings.py`): its metadata is its CLI option, its Train-form control
+    and its checks. A recipe subclasses it with its own defaults and fields (see `pipelines.recipes`), and
+    `validate()` is the one place a request is checked before any model loads.
     """
 
-    image: Any
-    out: str | Path
-    model: str = ""
-    steps: int = 1000
-    rank: int = 64
-    learning_rate: float = 5e-5
-    resolution: int | None = None  # None: the model's native size
-    token: str | None = None  # None: a token derived from the image
-    seed: int = 0
-    checkpoint_every: int = 250
-    sample_every: int = 0  # previews during training; 0: none
-    samples: bool = True  # sample images in the package
-    sample_steps: int | None = None
-    mixed_precision: str | None = None  # None: decide from the hardware (each lever: see `LEVERS`)
-    gradient_checkpointing: bool | None = None
-    use_8bit_adam: bool | None = None
-    attention: str | None = None
-    compile_blocks: bool | None = None
-    fused_adam: bool | None = None
-    tf32: bool | None = None
-    channels_last: bool | None = None
-    max_steps_this_call: int | None = None  # stop (with a checkpoint) after this many steps; resume continues
-    resume: bool = False
-    restart: bool = False
-    keep_checkpoints: bool = False
-    force: bool = False  # replace an existing package (or a folder of other files) at `out`
+    image: Any = setting(help="the one image to learn from (JPEG, PNG or WebP)", required=True)
+    out: str | Path = setting(help="folder for the adapter package", required=True)
+    model: str = setting("", help="")  # the recipe sets its default; the CLI's help names the architecture's models
+    steps: int = setting(1000, min=1, max=MAX_STEPS, label="steps")
+    rank: int = setting(64, min=1, max=1024, label="rank", form_label="LoRA rank", widget="dropdown",
+                        form_choices=_RANK_CHOICES)
+    learning_rate: float = setting(5e-5, min=0.0, max=MAX_LEARNING_RATE, above_min=True, label="learning rate",
+                                   flag="--lr", help="learning rate")
+    resolution: int | None = setting(None, min=64, max=4096, label="resolution",
+                                     help="training size (default: the model's)")
+    token: str | None = setting(None, help="trigger token (default: one derived from the image, e.g. {token_example})",
+                                form_label="Trigger token")
+    seed: int = setting(0, min=0, max=MAX_SEED, label="seed")
+    checkpoint_every: int = setting(250, min=0, max=MAX_STEPS, label="checkpoint interval")
+    sample_every: int = setting(0, min=0, max=MAX_STEPS, label="preview interval",
+                                form_label="Preview every N steps",
+                                help="write a preview to OUT.partial/samples every N steps (0: none)")
+    samples: bool = setting(True, flag="--no-samples", invert=True, help="skip the preview images")
+    sample_steps: int | None = setting(None, min=1, max=1000, label="sample steps")
+    # The speed and memory levers (`LEVERS`); None: decided from the hardware.
+    mixed_precision: str | None = setting(None, choices=MIXED_PRECISION_CHOICES, label="mixed precision",
+                                          help="default: bf16 on a GPU that has it (else fp16), fp32 on a CPU")
+    gradient_checkpointing: bool | None = setting(None)
+    use_8bit_adam: bool | None = setting(None, help="8-bit optimizer state (bitsandbytes, on a CUDA GPU)")
+    attention: str | None = setting(None, choices=ATTENTION_CHOICES,
+                                    help="attention kernel (default sdpa: PyTorch picks flash where it can)")
+    compile_blocks: bool | None = setting(None, help="torch.compile the repeated transformer blocks (default: on "
+                                                     "a CUDA GPU)")
+    fused_adam: bool | None = setting(None, help="AdamW's fused kernel (default: on a CUDA GPU)")
+    tf32: bool | None = setting(None, help="TensorFloat-32 matrix products (default: on a CUDA GPU)")
+    channels_last: bool | None = setting(None, help="channels-last memory format for the UNet (default: on a "
+                                                    "CUDA GPU)")
+    # Stop (with a checkpoint) after this many steps; a resumed call continues (ZeroGPU's chunks).
+    max_steps_this_call: int | None = setting(None, flag=None)
+    resume: bool = setting(False, help="continue the unfinished run in OUT.partial")
+    restart: bool = setting(False, help="discard an unfinished run in OUT.partial")
+    keep_checkpoints: bool = setting(False)
+    force: bool = setting(False, help="replace an existing package (or a folder of other files) at --out")
+
+    def validate(self) -> None:
+        """Check every setting in place (numbers become plain ints and floats), before any model is loaded.
+
+        Refuses bools, NaN, infinities, values out of range and unknown choices with one line each, and 8-bit
+        Adam where it cannot run. A recipe's request adds its own checks after calling this.
+        """
+        check_run_request(self)
 
 
 def check_run_request(request: RunRequest) -> None:
-    """Check the loop settings every recipe shares, in place (numbers become plain ints and floats).
-
-    Refuses bools, NaN, infinities and values out of range with one line each, and 8-bit Adam where it
-    cannot run, before any model is loaded.
-    """
-    request.steps = whole_number(request.steps, "steps", 1, MAX_STEPS)
-    request.rank = whole_number(request.rank, "rank", 1, 1024)
-    request.learning_rate = real_number(request.learning_rate, "learning rate", 0.0, MAX_LEARNING_RATE,
-                                        above_low=True)
-    request.seed = seed(request.seed)
-    request.checkpoint_every = whole_number(request.checkpoint_every, "checkpoint interval", 0, MAX_STEPS)
-    request.sample_every = whole_number(request.sample_every, "preview interval", 0, MAX_STEPS)
-    if request.sample_steps is not None:
-        request.sample_steps = whole_number(request.sample_steps, "sample steps", 1, 1000)
-    if request.resolution is not None:
-        request.resolution = whole_number(request.resolution, "resolution", 64, 4096)
+    """The checks every recipe's request gets: its settings' metadata, then what the loop needs."""
+    check_fields(request)
     if request.resume and request.restart:
         raise InvalidSetting("--resume and --restart contradict each other; pass one of them")
-    if request.mixed_precision is not None:
-        resolve_mixed_precision(request.mixed_precision, torch.device("cpu"))
     check_optimizer(request.use_8bit_adam)
     loop_options(request)  # the speed levers and the steps per call
 
@@ -216,7 +228,7 @@ class TrainResult:
 
 
 class Recipe(Protocol):
-    """What a recipe hands the loop. See `pipelines/blora.py` for the reference implementation."""
+    """What a recipe hands the loop. See `pipelines/blora/` for the reference implementation."""
 
     def setup(self, accelerator: Any, config: TrainConfig) -> None:
         """Move models to the device, choose dtypes, cache latents and text embeddings."""
@@ -266,7 +278,6 @@ LEVERS = {
     "channels_last": "channels-last memory format for convolutional models (SDXL's UNet)",
     "use_8bit_adam": "8-bit AdamW state (bitsandbytes, CUDA)",
 }
-ATTENTION_CHOICES = ("sdpa", "flash", "efficient", "math", "xformers")
 
 
 def resolve_levers(config: TrainConfig, device: torch.device) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.models import REGISTRY
+from pipelines.models import ARCHITECTURES, REGISTRY
 from pipelines.storage import home_dir
 from studio.gpu import on_zero_gpu
 from studio.jobs import JobManager
@@ -69,7 +69,7 @@ def detect_gpu() -> bool:
 
 def default_models(gpu: bool) -> dict[str, str]:
     """Base model per architecture: SDXL and Flux on a GPU, the tiny ones elsewhere; BLOCKSTUDIO_MODEL overrides."""
-    models = {"sdxl": "sdxl", "flux": "flux-dev"} if gpu else {"sdxl": "tiny-sdxl", "flux": "tiny-flux"}
+    models = {arch.name: arch.default_model if gpu else arch.tiny_model for arch in ARCHITECTURES.values()}
     chosen = os.environ.get("BLOCKSTUDIO_MODEL")
     if chosen in REGISTRY and not REGISTRY[chosen].random_weights:
         models[REGISTRY[chosen].arch] = chosen
@@ -115,7 +115,7 @@ def build_app(home: Path | None = None, *, jobs: JobManager | None = None,
         default_models=default_models(gpu),
         hub_endpoint=hub_endpoint,
     )
-    first_arch = next((m.arch for m in METHODS.values() if m.available), "sdxl")
+    first_arch = next((m.arch for m in METHODS.values()), "sdxl")
     notice = banner(gpu, studio.default_models.get(first_arch))
     with gr.Blocks(title="Block Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         studio.workspace = gr.BrowserState(None, storage_key="blockstudio-workspace", secret=browser_secret(home))

@@ -77,40 +77,33 @@ class ProgressPrinter:
 
 
 def _run_request_fields(args: argparse.Namespace) -> dict:
-    """The `RunRequest` fields every `train` method shares, from the options `_add_training_options` adds."""
-    return dict(
-        image=args.image, out=args.out, model=args.model, steps=args.steps, rank=args.rank,
-        learning_rate=args.lr, resolution=args.resolution, token=args.token, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, samples=not args.no_samples,
-        sample_steps=args.sample_steps, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
-        attention=args.attention, compile_blocks=args.compile_blocks, fused_adam=args.fused_adam, tf32=args.tf32,
-        channels_last=args.channels_last,
-        resume=args.resume, restart=args.restart, keep_checkpoints=args.keep_checkpoints, force=args.force,
-    )
+    """The request values of the chosen `train` recipe, from the options its settings' metadata made."""
+    from pipelines.recipes import recipe_for
+
+    return settings_from_args(recipe_for(args.recipe).settings, args)
 
 
-def cmd_train_blora(args: argparse.Namespace) -> int:
-    from pipelines.blora import TrainRequest, train_blora
+def settings_from_args(settings: type, args: argparse.Namespace) -> dict:
+    """{field: value} of a settings dataclass from the options `_add_setting_options` added for it."""
+    from pipelines.settings import setting_fields
 
-    request = TrainRequest(**_run_request_fields(args), adapter=args.adapter)
-    return _run_training(lambda **kw: train_blora(request, **kw), args.out)
+    values = {}
+    for field in setting_fields(settings):
+        if field.flag is None:
+            continue
+        value = getattr(args, field.dest)
+        if field.kind == "tristate" and value is None:
+            continue  # not given: the recipe's own default (SplitFlux's Adam keeps 32-bit state)
+        values[field.name] = (not value) if field.invert else value
+    return values
 
 
-def cmd_train_splitflux(args: argparse.Namespace) -> int:
-    from pipelines.splitflux import SplitFluxRequest, train_splitflux
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.recipes import recipe_for
 
-    request = SplitFluxRequest(
-        **_run_request_fields(args),
-        content_rank=args.content_rank, style_token=args.style_token, target_modules=args.target_modules,
-        content_blocks=args.content_blocks, boundary_blocks=args.boundary_blocks, style_blocks=args.style_blocks,
-        rca_alpha=args.rca_alpha, complementary_weight=args.complementary_weight, text_gate=args.text_gate,
-        gate_source=args.gate_source, style_text=args.style_text, export_gate=args.export_gate,
-        guidance=args.training_guidance, max_sequence_length=args.max_sequence_length,
-        timestep_sampling=args.timestep_sampling, quantize_base=args.quantize_base,
-        complementary_reduction=args.complementary_reduction, lora_init=args.lora_init,
-    )
-    return _run_training(lambda **kw: train_splitflux(request, **kw), args.out)
+    spec = recipe_for(args.recipe)
+    request = spec.settings(**_run_request_fields(args))
+    return _run_training(lambda **kw: spec.train(request, **kw), args.out)
 
 
 def _save_preview(out: str):
@@ -160,12 +153,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if path.is_dir() or (path.exists() and not args.force):
             raise ValueError(f"{path} already exists; pass --force to replace it, or choose another --out")
     content = None
+    extras = tuple(part for part in _optional_parts() if getattr(args, f"with_{part}"))
     if args.content:
         package = AdapterPackage.open(args.content)
         part = args.content_part or package.part_for("mix")
-        content = AdapterChoice(package, part, args.content_scale, ("boundary",) if args.with_boundary else ())
-    elif args.with_boundary:
-        raise ValueError("--with-boundary loads the boundary blocks of the --content package; give --content")
+        content = AdapterChoice(package, part, args.content_scale, extras)
+    elif extras:
+        raise ValueError(f"--with-{extras[0].replace('_', '-')} loads the {extras[0]} part of the --content "
+                         "package; give --content")
     style = AdapterChoice.for_use(AdapterPackage.open(args.style), "style", args.style_scale) if args.style else None
     model = args.model or (content or style).package.base_model if (content or style) else args.model
     if not model:
@@ -383,79 +378,52 @@ def cmd_app(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------------
 
 
-def _add_training_options(p: argparse.ArgumentParser, *, steps: int, rank: int, lr: float) -> None:
-    p.add_argument("--image", required=True, help="the one image to learn from (JPEG, PNG or WebP)")
-    p.add_argument("--out", required=True, help="folder for the adapter package")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--rank", type=int, default=rank)
-    p.add_argument("--lr", type=float, default=lr, help="learning rate")
-    p.add_argument("--resolution", type=int, default=None, help="training size (default: the model's)")
-    p.add_argument("--token", default=None, help="trigger token (default: one derived from the image, e.g. [v42])")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in OUT.partial")
-    p.add_argument("--restart", action="store_true", help="discard an unfinished run in OUT.partial")
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--keep-checkpoints", action="store_true")
-    p.add_argument("--sample-every", type=int, default=0,
-                   help="write a preview to OUT.partial/samples every N steps (0: none)")
-    p.add_argument("--no-samples", action="store_true", help="skip the preview images")
-    p.add_argument("--sample-steps", type=int, default=None)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="default: bf16 on a GPU that has it (else fp16), fp32 on a CPU; the official B-LoRA "
-                        "command trains in fp16")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None,
-                   help="8-bit optimizer state (B-LoRA: on by default on a GPU with bitsandbytes, as the official "
-                        "command; SplitFlux: off unless given, the paper's Adam keeps 32-bit state)")
-    # Speed levers; left out, each is decided from the hardware (pipelines/training.py, LEVERS).
-    from pipelines.training import ATTENTION_CHOICES
+def _add_setting_options(p: argparse.ArgumentParser, spec) -> None:
+    """One option per setting of a recipe's settings dataclass, from its fields' metadata (flag, help, type,
+    default, choices); `--model`'s help names the models of the recipe's architecture, and `{token_example}` and
+    `{style_token_example}` in a help become tokens of the kind the recipe derives (`[v42]`, `[s42]`)."""
+    from pipelines.models import architecture
+    from pipelines.settings import setting_fields
+    from studio.methods import models_for
 
-    p.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
-                   help="attention kernel (default sdpa: PyTorch picks flash where it can)")
-    p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the repeated transformer blocks (default: on a CUDA GPU)")
-    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
-                   help="AdamW's fused kernel (default: on a CUDA GPU)")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                   help="TensorFloat-32 matrix products (default: on a CUDA GPU)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format for the UNet (default: on a CUDA GPU)")
-    _add_force_option(p, "an existing package (or a folder of other files) at --out")
+    arch = spec.arch
+    examples = {"{token_example}": spec.token_format.format(number=42),
+                "{style_token_example}": (spec.style_token_format or spec.token_format).format(number=42)}
+    for field in setting_fields(spec.settings):
+        if field.flag is None:
+            continue
+        help_text = field.help or None
+        for placeholder, example in examples.items():
+            help_text = help_text and help_text.replace(placeholder, example)
+        if field.name == "model" and not field.help:
+            names = ", ".join(spec.name for spec in models_for(arch))
+            help_text = f"{names}, a Hub id or a local {architecture(arch).label} folder"
+        if field.kind == "flag":
+            p.add_argument(field.flag, action="store_true", help=help_text)
+        elif field.kind == "tristate":
+            p.add_argument(field.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif field.required:
+            p.add_argument(field.flag, required=True, help=help_text)
+        else:
+            default = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+            kind = {"int": int, "float": float}.get(field.kind, str)
+            p.add_argument(field.flag, type=kind, default=default, choices=field.choices, help=help_text)
 
 
 def _add_force_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--force", action="store_true", help=f"replace {what}")
 
 
-def _add_splitflux_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--style-token", default=None, help="style trigger token (default: derived from the image, e.g. [s42])")
-    p.add_argument("--content-rank", type=int, default=48,
-                   help="rank of the gated content branch; the residual branch gets RANK minus this")
-    p.add_argument("--target-modules", default="attn.to_q,attn.to_k,attn.to_v",
-                   help="single-block Linear layers to adapt (attn.to_q/k/v, proj_mlp, proj_out)")
-    p.add_argument("--content-blocks", default="0-9", help="single blocks with the visual-gated LoRA")
-    p.add_argument("--boundary-blocks", default="10-11", help="single blocks with rank-constrained adaptation (or none)")
-    p.add_argument("--style-blocks", default="12-37", help="single blocks with the style LoRA")
-    p.add_argument("--rca-alpha", type=int, default=2, help="boundary rank is RANK/alpha, its update times alpha")
-    p.add_argument("--complementary-weight", type=float, default=0.1)
-    p.add_argument("--complementary-reduction", choices=["sum", "mean"], default="sum",
-                   help="combine the gated layers' complementary losses by sum (the paper) or mean")
-    p.add_argument("--lora-init", choices=["gaussian", "kaiming"], default="gaussian",
-                   help="initial down factors: N(0, 1/rank) (PEFT's gaussian) or Kaiming-uniform (PEFT's default)")
-    p.add_argument("--text-gate", type=float, default=1.0, help="gate of text tokens in the content blocks (0-1)")
-    p.add_argument("--gate-source", choices=["block_input", "layer_input"], default="block_input",
-                   help="features whose norms gate image tokens")
-    p.add_argument("--style-text", choices=["stream", "embedding"], default="stream",
-                   help="how the style prompt reaches the style blocks: a parallel text stream, or its embedding")
-    p.add_argument("--export-gate", type=float, default=None,
-                   help="fixed gate for content.safetensors (default: both branches at weight 1)")
-    p.add_argument("--training-guidance", type=float, default=1.0, help="guidance embedding value while training")
-    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default 512; 32 on tiny-flux)")
-    p.add_argument("--timestep-sampling", choices=["uniform", "logit_normal", "flux_shift"], default="uniform",
-                   help="how sigma is drawn: uniform, sigmoid of a normal, or that shifted by the image size "
-                        "(sd-scripts' flux_shift)")
-    p.add_argument("--quantize-base", choices=["none", "fp8", "nf4"], default="none",
-                   help="store the frozen transformer in fp8 (layerwise casting) or NF4 (bitsandbytes, CUDA)")
+def _optional_parts() -> dict[str, list]:
+    """{part: the recipes with it} of every part a recipe loads only when asked for (SplitFlux's boundary)."""
+    from pipelines.recipes import all_recipes
+
+    parts: dict[str, list] = {}
+    for spec in all_recipes():
+        for part in spec.parts:
+            if part.optional:
+                parts.setdefault(part.name, []).append((spec, part))
+    return parts
 
 
 def add_merge_and_watermark(sub) -> None:
@@ -495,24 +463,17 @@ def add_merge_and_watermark(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.recipes import all_recipes
+
     parser = argparse.ArgumentParser(prog="blockstudio", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train content and style adapters from one image")
     methods = train.add_subparsers(dest="method", required=True)
-    blora = methods.add_parser("blora", help="B-LoRA on SDXL")
-    blora.add_argument("--model", default="sdxl", help="sdxl, tiny-sdxl, a Hub id or a local SDXL folder")
-    _add_training_options(blora, steps=1000, rank=64, lr=5e-5)
-    blora.add_argument("--adapter", choices=["lora", "dylora", "sora"], default="lora",
-                       help="lora (the official recipe); dylora: every rank 1..RANK in one run; sora: gated ranks, "
-                            "zero gates pruned (both export at another rank with `blockstudio export`)")
-    blora.set_defaults(func=cmd_train_blora)
-    splitflux = methods.add_parser("splitflux", help="SplitFlux on Flux (content and style single-stream blocks)")
-    splitflux.add_argument("--model", default="flux-dev",
-                           help="flux-dev, flux-schnell, tiny-flux, a Hub id or a local Flux folder")
-    _add_training_options(splitflux, steps=1000, rank=64, lr=1e-4)
-    _add_splitflux_options(splitflux)
-    splitflux.set_defaults(func=cmd_train_splitflux)
+    for spec in all_recipes():
+        recipe = methods.add_parser(spec.command, help=spec.cli_help or spec.label)
+        _add_setting_options(recipe, spec)
+        recipe.set_defaults(func=cmd_train, recipe=spec.key)
 
     gen = sub.add_parser("generate", help="generate with content and/or style adapters")
     gen.add_argument("--model", default=None, help="base model (default: the adapters' base model)")
@@ -520,11 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--style", default=None, help="package whose style adapter to use")
     gen.add_argument("--content-scale", type=float, default=1.0)
     gen.add_argument("--style-scale", type=float, default=1.0)
+    mixes = "; ".join(f"{spec.name}: {spec.composition.uses.get('mix', 'content')}" for spec in all_recipes())
     gen.add_argument("--content-part", default=None,
-                     help="which content part (default: the one the package mixes with; SplitFlux: content_reembed, "
-                          "the content branch, as the paper mixes; content: both content branches)")
-    gen.add_argument("--with-boundary", action="store_true",
-                     help="also load the content package's boundary blocks (SplitFlux), at the content scale")
+                     help=f"which content part (default: the one the package mixes with, {mixes}; or any part the "
+                          "package has, e.g. content)")
+    for part, owners in _optional_parts().items():
+        described = "; ".join(f"{spec.name}: {what.description}" for spec, what in owners)
+        gen.add_argument(f"--with-{part.replace('_', '-')}", action="store_true",
+                         help=f"also load the content package's {part} part ({described}), at the content scale")
     gen.add_argument("--prompt", default=None, help='e.g. "A [c] in [s] style"; [c]/[s] become the tokens')
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--seed", type=int, default=0)
@@ -546,12 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force_option(export, "an existing package (or a folder of other files) at --out")
     export.set_defaults(func=cmd_export)
 
+    importable = [spec for spec in all_recipes() if spec.importer is not None]
     imp = sub.add_parser("import", help="import a LoRA made elsewhere into an adapter package")
-    imp.add_argument("file", help="a .safetensors LoRA (official B-LoRA, diffusers, kohya)")
+    imp.add_argument("file", help="a .safetensors LoRA (" + "; ".join(
+        f"{spec.name}: {spec.importer.layouts}" for spec in importable) + ")")
     imp.add_argument("--out", required=True)
-    imp.add_argument("--model", default="sdxl")
-    imp.add_argument("--token", default=None, help="the trigger token it was trained with (default: [v])")
-    imp.add_argument("--method", default="b-lora", choices=["b-lora"])
+    imp.add_argument("--model", default=None, help="base model (default: the method's, e.g. " + ", ".join(
+        f"{spec.defaults()['model']} for {spec.key}" for spec in importable) + ")")
+    imp.add_argument("--token", default=None, help="the trigger token it was trained with (default: " + ", ".join(
+        f"{spec.importer.default_token} for {spec.key}" for spec in importable) + ")")
+    imp.add_argument("--method", default=importable[0].key if importable else None,
+                     choices=[spec.key for spec in importable])
     _add_force_option(imp, "an existing package (or a folder of other files) at --out")
     imp.set_defaults(func=cmd_import)
 

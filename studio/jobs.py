@@ -64,7 +64,7 @@ from studio.job_records import (  # noqa: F401 - the record store's names are th
     read_service,
 )
 from studio.library import CLAIMS, Library
-from studio.methods import METHODS, Method, check_model, method_for
+from studio.methods import Method, check_model, method_for
 from studio.workers import (
     Assignment,
     InProcessWorker,
@@ -119,7 +119,7 @@ class QueuePolicy:
 
 
 def run_training(method: Method, request: Any, **callbacks: Any) -> Path:
-    """Call the method's train function (`train_blora`, `train_splitflux`)."""
+    """Call the method's train function (its spec's `train`: `train_blora`, `train_splitflux`, ...)."""
     _, train = method.functions()
     return train(request, **callbacks)
 
@@ -318,10 +318,12 @@ class JobManager:
 
     def submit(self, owner: str, *, image: str | Path, method: str, model: str, name: str | None = None,
                steps: int, rank: int, learning_rate: float, seed: int = 0, sample_every: int = 0,
-               token: str | None = None, sample_steps: int | None = None, adapter: str = "lora") -> JobRecord:
+               token: str | None = None, sample_steps: int | None = None, adapter: str = "lora",
+               options: dict[str, Any] | None = None) -> JobRecord:
         """Check everything, copy the image into the job, and queue it. Errors name the field to fix.
 
-        The package name is claimed here and stays the job's until it is done or discarded.
+        `options` are the method's own settings from the Train form (its spec's form settings), checked by the
+        spec. The package name is claimed here and stays the job's until it is done or discarded.
         """
         workspace = Workspace(owner, self.home)
         chosen = method_for(method)
@@ -339,7 +341,7 @@ class JobManager:
         token = check_token(token.strip()) if token and token.strip() else None
         if adapter not in chosen.adapters:
             raise JobError(f"{chosen.label} trains with {' or '.join(chosen.adapters)} adapters, not {adapter!r}")
-        extras = chosen.extra_values(rank)
+        extras = {**chosen.extra_values(rank), **chosen.form_values(options)}
         # The job trains from its own copy (the upload cache may be emptied before a resume); encoding it
         # here keeps the lock, which every page's poll takes, free of image work.
         buffer = io.BytesIO()
@@ -652,7 +654,7 @@ class JobManager:
 
     def _run(self, record: JobRecord, token: CancelToken) -> None:
         """Train: the request values go to the worker, which calls the train function with them."""
-        method = METHODS[record.method]
+        method = method_for(record.method)
         workspace = Workspace(record.owner, self.home)
         settings = record.settings
         steps = int(settings["steps"])

@@ -10,6 +10,7 @@ package are never followed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -115,7 +116,7 @@ class PackageSummary:
 
 
 def tokens_of(info: dict) -> str:
-    """The package's trigger tokens: SplitFlux trains a style token beside the content one, B-LoRA one for both."""
+    """The package's trigger tokens: its token, and the style token of a recipe that trains one of its own."""
     return " ".join(dict.fromkeys(t for t in (info.get("token"), info.get("style_token")) if t)) or "?"
 
 
@@ -277,26 +278,30 @@ class Library:
 
     def _rename_into(self, folder: Path, new_name: str) -> None:
         target = self.target(new_name)
-        info = json.loads((folder / "adapter.json").read_text())
+        info = AdapterPackage.open(folder).meta
         with atomic_dir(target, replace=False) as staging:
             _link_tree(folder, staging)
-            files = dict(info.get("files", {}))
+            files = dict(info.files)
             for key, rel in list(files.items()):
                 if isinstance(rel, str) and rel.startswith("kohya/"):
                     new_rel = "kohya/" + new_name + rel[len("kohya/") + len(folder.name):]
                     os.replace(staging / rel, staging / new_rel)
                     files[key] = new_rel
-            info.update(name=new_name, files=files)
-            _rewrite(staging / "adapter.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n"))
+            info = dataclasses.replace(info, name=new_name, files=files)
+            text = json.dumps(info.to_dict(), indent=2, sort_keys=True) + "\n"
+            _rewrite(staging / "adapter.json", lambda tmp: tmp.write_text(text))
             from pipelines.model_card import render_model_card
 
             card = render_model_card(info)
             _rewrite(staging / "README.md", lambda tmp: tmp.write_text(card))
         shutil.rmtree(folder, ignore_errors=True)
 
-    def import_file(self, upload: str | os.PathLike, *, name: str | None = None, model: str = "sdxl",
-                    token: str | None = None) -> str:
-        """Import a zipped package or a LoRA `.safetensors` file; return the new package's name."""
+    def import_file(self, upload: str | os.PathLike, *, name: str | None = None, model: str | None = None,
+                    token: str | None = None, method: str | None = None) -> str:
+        """Import a zipped package or a LoRA `.safetensors` file; return the new package's name.
+
+        A LoRA file becomes a package of `method` (a recipe that imports; None: the first) on `model` (None: the
+        recipe's default model)."""
         upload = Path(upload)
         suffix = upload.suffix.lower()
         if suffix in formats.PICKLE_SUFFIXES:
@@ -309,7 +314,7 @@ class Library:
                 return self._import_zip(upload, wanted)
             from pipelines.importer import import_lora
 
-            import_lora(upload, self.target(wanted), model=model, token=token or None)
+            import_lora(upload, self.target(wanted), model=model or None, token=token or None, method=method or None)
             return wanted
 
     def _import_zip(self, upload: Path, name: str) -> str:
@@ -329,10 +334,9 @@ class Library:
 
     def _finish_zip_import(self, staging: Path, label: str, name: str) -> None:
         _check_package_folder(staging, label)
-        info_path = staging / "adapter.json"
-        info = json.loads(info_path.read_text())
-        info["name"] = name
-        write_json(info_path, info)
+        info = AdapterPackage.open(staging).meta
+        info.name = name
+        write_json(staging / "adapter.json", info.to_dict())
 
     def merge_styles(self, names: list[str], new_name: str | None, options) -> str:
         """Merge the style parts of packages `names` into a new package of this workspace; return its name."""
@@ -494,8 +498,11 @@ def _check_package_folder(folder: Path, label: str) -> None:
     """An unpacked zip must be a readable package whose weight files are safetensors inside it."""
     try:
         package = AdapterPackage.open(folder)
-    except BlockStudioError:
-        raise LibraryError(f"{label}: no adapter.json found; export packages from Block Studio as zip") from None
+    except BlockStudioError as exc:
+        # A record Block Studio cannot read says why (a newer format, a wrong value); anything else is no package.
+        reason = str(exc) if str(exc).startswith("adapter.json") else \
+            "no adapter.json found; export packages from Block Studio as zip"
+        raise LibraryError(f"{label}: {reason}") from None
     files = package.info.get("files")
     if not isinstance(files, dict) or "full" not in files:
         raise LibraryError(f"{label}: adapter.json lists no weight files")

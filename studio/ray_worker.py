@@ -34,6 +34,7 @@ from typing import Any
 
 from pipelines.errors import BlockStudioError
 from pipelines.package import check_name
+from pipelines.recipes import recipe_by_key, recipe_for
 from pipelines.training import (
     CancelToken,
     ProgressEvent,
@@ -113,6 +114,7 @@ class _RemoteJob:
         self.job_id = job_id
         self.root = Path(tempfile.mkdtemp(prefix="blockstudio-job-"))
         kind, values = assignment["kind"], dict(assignment["values"])
+        self.recipe_module = str(assignment.get("recipe_module", ""))
         self.work: Path | None = None
         if kind == "lab":
             self.job = Assignment(job_id, kind, assignment["method"], assignment["model"], values, self.root / "result")
@@ -149,6 +151,8 @@ class _RemoteJob:
         reports = Reports(progress=self._progress, sample=self._sample, lab_progress=self._lab_progress)
         end: tuple = ("failed", f"{what} stopped: its worker process is shutting down")
         try:
+            if self.job.kind != "lab":
+                recipe_by_key(self.job.method, self.recipe_module)  # a recipe outside the built-ins is imported
             worker.run(self.job, reports, self.token)
             folder = self.job.result if self.job.kind == "lab" else self.job.out
             area = "result" if self.job.kind == "lab" else "package"
@@ -469,6 +473,9 @@ class RayWorker:
         ray = self._ray
         values = {key: str(value) if isinstance(value, Path) else value for key, value in job.values.items()}
         assignment = {"kind": job.kind, "method": job.method, "model": job.model, "values": values}
+        if job.kind != "lab":
+            # A recipe registered outside the built-ins is found on the worker by the module that registers it.
+            assignment["recipe_module"] = recipe_for(job.method).module
         image = Path(job.values["image"]).read_bytes() if job.kind != "lab" else None
         ray.get(actor.open.remote(job.job_id, assignment, image), timeout=POLL_TIMEOUT_S)
         if job.kind != "lab":

@@ -213,9 +213,9 @@ class InProcessWorker:
             result.save(job.result)
             return
         from studio.jobs import run_training
-        from studio.methods import METHODS
+        from studio.methods import method_for
 
-        method = METHODS[job.method]
+        method = method_for(job.method)
         request = method.build_request(**job.values)
         pipe = self.pipeline(job.model)
         try:

@@ -12,12 +12,12 @@ import gradio as gr
 
 from pipelines.storage import atomic_file
 from studio.library import PackageSummary, tokens_of
-from studio.methods import models_for
+from studio.methods import METHODS, models_for
 from studio.ui.common import Studio, checked_upload, format_size, handler
 from studio.workspace import Workspace
 
 EMPTY = ("Your library is empty. Train a package in the **Train** tab, or import a Block Studio package "
-         "(.zip) or a B-LoRA .safetensors file below.")
+         "(.zip) or a LoRA .safetensors file below.")
 
 
 @dataclass
@@ -54,10 +54,16 @@ def build(studio: Studio) -> LibraryTab:
                              file_count="single", height=140)
             with gr.Column():
                 import_name = gr.Textbox(label="Name", placeholder="from the file name", max_length=64)
-                import_model = gr.Dropdown([s.name for s in models_for("sdxl")], value=studio.default_models["sdxl"],
+                importers = [m for m in METHODS.values() if m.importer is not None]
+                archs = list(dict.fromkeys(m.arch for m in importers))
+                import_model = gr.Dropdown([s.name for arch in archs for s in models_for(arch)],
+                                           value=studio.default_models.get(archs[0]) if archs else None,
                                            label="Base model (for .safetensors)")
                 import_token = gr.Textbox(label="Trigger token it was trained with (for .safetensors)",
                                           placeholder="[v] if unknown", max_length=32)
+                import_method = gr.Dropdown([(m.label, m.key) for m in importers],
+                                            value=importers[0].key if importers else None,
+                                            label="Method (for .safetensors)", elem_id="library-import-method")
         do_import = gr.Button("Import", variant="primary")
 
     def listing(workspace_id):
@@ -85,10 +91,14 @@ def build(studio: Studio) -> LibraryTab:
         info = data["adapter"]
         origin = (f"imported from `{info['imported_from']}`" if info.get("imported_from")
                   else f"{info.get('steps', '–')} steps")
-        facts = (f"**{name}** · {info.get('method', '?')} on `{info.get('base_model', '?')}`  \n"
+        package = library.open(name)
+        method = METHODS.get(package.method)
+        facts = (f"**{name}** · {info.get('method', '?')}{f' ({method.label})' if method else ''} on "
+                 f"`{info.get('base_model', '?')}`  \n"
                  f"Token `{tokens_of(info)}` · {rank_text(info)} · {origin} · "
                  f"{str(info.get('created', ''))[:16].replace('T', ' ')} · {format_size(sum(data['files'].values()))}  \n"
-                 f"Composition: {library.open(name).composition_line()}")
+                 f"Parts: {', '.join(p for p in package.parts() if p != 'full')}  \n"
+                 f"Composition: {package.composition_line()}")
         return facts, data, name.removeprefix("shared:")
 
     @handler
@@ -110,11 +120,13 @@ def build(studio: Studio) -> LibraryTab:
         return show_library(workspace_id, None) + (gr.Group(visible=False),)
 
     @handler
-    def import_package(workspace_id, path, name, model, token):
+    def import_package(workspace_id, path, name, model, token, method=None):
+        # `method` comes from a state the Method box keeps, no part of the API: `/import` keeps its parameters.
         if not path:
             raise gr.Error("Choose a .zip or .safetensors file to import.", print_exception=False)
         imported = studio.library(workspace_id).import_file(checked_upload(path), name=name or None,
-                                                          model=model or "sdxl", token=token or None)
+                                                          model=model or None, token=token or None,
+                                                          method=method or None)
         gr.Info(f"Imported {imported}.")
         return show_library(workspace_id, imported) + (None,)
 
@@ -132,7 +144,20 @@ def build(studio: Studio) -> LibraryTab:
     delete.click(ask_delete, [package], [confirm_box, confirm_text], api_visibility="private", **cheap)
     keep.click(lambda: gr.Group(visible=False), None, [confirm_box], api_visibility="private", **cheap)
     confirm.click(delete_package, [ws, package], listed + [confirm_box], api_name="delete", **cheap)
-    do_import.click(import_package, [ws, upload, import_name, import_model, import_token], listed + [upload],
+    chosen_method = gr.State(import_method.value)
+
+    def choose_method(key):
+        """The chosen recipe, kept for `/import`, and the base models of its architecture."""
+        method = METHODS.get(key)
+        if method is None:
+            return gr.skip(), gr.skip()
+        return key, gr.Dropdown(choices=[s.name for s in models_for(method.arch)],
+                                value=studio.default_models.get(method.arch))
+
+    import_method.change(choose_method, [import_method], [chosen_method, import_model], api_visibility="private",
+                         **cheap)
+    do_import.click(import_package, [ws, upload, import_name, import_model, import_token, chosen_method],
+                    listed + [upload],
                     api_name="import", concurrency_limit=2, show_progress_on=[upload])
     return LibraryTab(outputs=listed, refresh=lambda workspace_id: show_library(workspace_id, None))
 

@@ -1,8 +1,9 @@
 """The Mix tab: the content of one package with the style of another, as one image, a before/after, or a grid;
 and several styles merged into one new package.
 
-The content slot loads the part the package mixes with (SplitFlux: the content branch alone, as the paper
-mixes) unless another part is chosen; a SplitFlux package's boundary blocks join only when asked for.
+The content slot loads the part the package mixes with (its recipe's composition: SplitFlux's content branch
+alone, as the paper mixes) unless another part is chosen; a recipe's optional parts (SplitFlux's boundary
+blocks) join only when asked for. The parts offered are those the registered recipes make.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import gradio as gr
 
 from pipelines.generation import AdapterChoice
 from pipelines.merge import MergeOptions, parse_weights
+from pipelines.recipes import all_recipes
 from studio.gpu import gpu
 from studio.mixing import (
     GenerationError,
@@ -31,11 +33,30 @@ from studio.ui.common import Studio, handler
 # gets a line naming its field rather than Gradio's unnamed bounds error or, for NaN, no message at all.
 GENERATE = dict(concurrency_id="generate", concurrency_limit=1, preprocess=False)
 DEFAULT_PART = "default"
-CONTENT_PARTS = [
-    ("The part the package mixes with (SplitFlux: content branch)", DEFAULT_PART),
-    ("content: the content blocks' whole adapter (SplitFlux: both branches)", "content"),
-    ("content_reembed: the content branch alone (SplitFlux)", "content_reembed"),
-]
+
+
+def content_parts() -> list[tuple[str, str]]:
+    """(label, part) of the Content part box: the part each package mixes with, then every part a registered
+    recipe makes for content (not its style part, not an optional one), described as its recipes describe it."""
+    described: dict[str, list[str]] = {}
+    for spec in all_recipes():
+        style = spec.composition.uses.get("style")
+        for part in spec.parts:
+            if part.name != style and not part.optional:
+                described.setdefault(part.name, []).append(f"{spec.name}: {part.description}")
+    mixes = ", ".join(f"{spec.name}: {spec.composition.uses.get('mix', 'content')}" for spec in all_recipes())
+    return [(f"The part the package mixes with ({mixes})", DEFAULT_PART)] + [
+        (f"{part}: {'; '.join(what)}", part) for part, what in described.items()]
+
+
+def optional_parts() -> dict[str, str]:
+    """{part: what it is} of every part a registered recipe loads only when asked for."""
+    found: dict[str, list[str]] = {}
+    for spec in all_recipes():
+        for part in spec.parts:
+            if part.optional:
+                found.setdefault(part.name, []).append(f"{spec.name}: {part.description}")
+    return {part: "; ".join(what) for part, what in found.items()}
 
 
 @dataclass
@@ -85,23 +106,25 @@ def make_settings(seed, steps, guidance, width, height, negative, fast=False) ->
 
 
 def part_controls() -> list[gr.components.Component]:
-    """Which content part the mix loads, and whether a SplitFlux package's boundary blocks join it."""
-    part = gr.Dropdown(CONTENT_PARTS, value=DEFAULT_PART, label="Content part")
-    boundary = gr.Checkbox(value=False, label="Add the boundary blocks",
-                           info="SplitFlux: the boundary adapter beside the content part, at its scale")
-    return [part, boundary]
+    """Which content part the mix loads, and a box per optional part to load beside it (SplitFlux's boundary)."""
+    part = gr.Dropdown(content_parts(), value=DEFAULT_PART, label="Content part")
+    extras = [gr.Checkbox(value=False, label=f"Add the {name} part", info=f"{what}; beside the content part, at "
+                          "its scale") for name, what in optional_parts().items()]
+    return [part, *extras]
 
 
 def choose(studio: Studio, workspace_id: str | None, name: str | None, use: str, scale: float,
-           part: str | None = DEFAULT_PART, boundary: bool = False) -> AdapterChoice | None:
-    """The package `name` for `use` ("mix", "reembed", "style"), or the chosen `part` of it."""
+           part: str | None = DEFAULT_PART, with_parts: tuple = ()) -> AdapterChoice | None:
+    """The package `name` for `use` ("mix", "reembed", "style"), or the chosen `part` of it; `with_parts` holds
+    one flag per optional part (`optional_parts`), in order: those set are loaded beside it."""
     if not name:
         return None
     package = studio.library(workspace_id).open(name)
-    if part is not None and part not in [value for _, value in CONTENT_PARTS]:
+    if part is not None and part not in [value for _, value in content_parts()]:
         raise ValueError(f"unknown content part {part!r}; choose one of the list")
     chosen = package.part_for(use) if part in (None, DEFAULT_PART) else part
-    return AdapterChoice(package, chosen, float(scale), ("boundary",) if boundary else ())
+    extras = tuple(extra for extra, wanted in zip(optional_parts(), with_parts, strict=False) if wanted)
+    return AdapterChoice(package, chosen, float(scale), extras)
 
 
 def build(studio: Studio) -> MixTab:
@@ -146,9 +169,9 @@ def build(studio: Studio) -> MixTab:
     @handler
     @gpu
     def mix(workspace_id, content_name, content_scale, style_name, style_scale, prompt, with_base, seed, steps,
-            guidance, width, height, negative_prompt, fast=False, content_part=DEFAULT_PART, boundary=False):
+            guidance, width, height, negative_prompt, fast=False, content_part=DEFAULT_PART, *with_parts):
         workspace = studio.workspace_of(workspace_id)
-        content_choice = choose(studio, workspace_id, content_name, "mix", content_scale, content_part, boundary)
+        content_choice = choose(studio, workspace_id, content_name, "mix", content_scale, content_part, with_parts)
         style_choice = choose(studio, workspace_id, style_name, "style", style_scale)
         values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)
         prompt_text = (prompt or "").strip() or None
@@ -169,12 +192,14 @@ def build(studio: Studio) -> MixTab:
     @handler
     @gpu
     def scale_grid(workspace_id, content_name, style_name, prompt, content_scales, style_scales, seed, steps,
-                   guidance, width, height, negative_prompt, fast=False, content_part=DEFAULT_PART, boundary=False,
-                   progress=gr.Progress()):
+                   guidance, width, height, negative_prompt, fast=False, progress=gr.Progress(),
+                   content_part=DEFAULT_PART, *with_parts):
+        # `progress` sits among the positional parameters, where Gradio inserts it; the optional parts' boxes,
+        # as many as the recipes have, come last.
         workspace = studio.workspace_of(workspace_id)
         if not content_name or not style_name:
             raise gr.Error("A grid needs both a content and a style package.", print_exception=False)
-        content_choice = choose(studio, workspace_id, content_name, "mix", 1.0, content_part, boundary)
+        content_choice = choose(studio, workspace_id, content_name, "mix", 1.0, content_part, with_parts)
         style_choice = choose(studio, workspace_id, style_name, "style", 1.0)
         rows, cols = parse_scales(content_scales, "content"), parse_scales(style_scales, "style")
         values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)

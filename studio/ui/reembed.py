@@ -12,8 +12,13 @@ from studio.ui.mix import GENERATE, make_settings, settings_controls
 
 
 def content_part(package) -> str:
-    """The part the package records for new prompts (SplitFlux: the content branch; B-LoRA: its content block)."""
+    """The part the package records for new prompts (its recipe's composition says which)."""
     return package.part_for("reembed")
+
+
+def style_part(package) -> str:
+    """The part the package records for a style on any prompt."""
+    return package.part_for("style")
 
 
 def _column(studio: Studio, slot: str, title: str, templates: tuple[str, ...], example: str, gallery_label: str):
@@ -76,7 +81,7 @@ def build(studio: Studio) -> None:
     def style_on_prompts(workspace_id, name, scale, templates, prompts, seed, steps, guidance, width, height,
                          negative_prompt, fast=False, progress=gr.Progress()):
         values = make_settings(seed, steps, guidance, width, height, negative_prompt, fast)
-        return run(workspace_id, name, lambda _: "style", scale, "style", templates, prompts, values, progress)
+        return run(workspace_id, name, style_part, scale, "style", templates, prompts, values, progress)
 
     reembed.click(subject_in_prompts, [ws, content, content_scale, content_templates, content_free] + settings,
                   [content_gallery], api_name="reembed", **GENERATE)

@@ -20,9 +20,10 @@ from pipelines.errors import BlockStudioError
 from pipelines.images import center_crop_square, load_image
 from pipelines.models import REGISTRY
 from pipelines.package import AdapterPackage
+from pipelines.settings import SettingField
 from pipelines.storage import is_package
 from studio.jobs import JobRecord
-from studio.methods import ADAPTER_LABELS, METHODS, Method, models_for, training_defaults
+from studio.methods import ADAPTER_LABELS, METHODS, Method, models_for, training_defaults, unavailable
 from studio.ui.common import Studio, banner, format_seconds, handler, ops_note, upload_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,11 +59,41 @@ def adapter_options(method: Method) -> dict[str, Any]:
                 visible=len(method.adapters) > 1)
 
 
+def setting_control(field: SettingField) -> gr.components.Component:
+    """The form control of one of a recipe's own settings, from its metadata."""
+    common = dict(label=field.form_label, info=field.help or None, elem_id=f"train-setting-{field.name}")
+    if field.choices is not None:
+        return gr.Dropdown(list(field.choices), value=field.default, **common)
+    if field.kind in ("flag", "tristate"):
+        return gr.Checkbox(value=bool(field.default), **common)
+    if field.kind in ("int", "float"):
+        return gr.Number(value=field.default, precision=0 if field.kind == "int" else None, minimum=field.minimum,
+                         maximum=field.maximum, **common)
+    return gr.Textbox(value=field.default, **common)
+
+
+def remember_setting(method_key: str, name: str):
+    """The event that keeps a recipe's own setting, as the page changes it, in the page's `own` state: {recipe:
+    {setting: value}}. A state is no part of the API, so `/train` keeps its parameters whatever the recipes."""
+
+    def remember(own: dict | None, value: Any) -> dict:
+        own = dict(own or {})
+        own[method_key] = {**own.get(method_key, {}), name: value}
+        return own
+
+    return remember
+
+
+def _method_label(key: str) -> str:
+    method = METHODS.get(key)
+    return method.label if method is not None else key
+
+
 def _job_label(record: JobRecord) -> str:
     when = time.strftime("%b %d %H:%M", time.localtime(record.created))
     adapter = record.settings.get("adapter") or "lora"
     kind = ADAPTER_LABELS.get(adapter, str(adapter)).split(" ")[0]
-    method = METHODS[record.method].label + (f" ({kind})" if adapter != "lora" else "")
+    method = _method_label(record.method) + (f" ({kind})" if adapter != "lora" else "")
     return f"{record.name} · {method} · {record.model} · {when}"
 
 
@@ -93,7 +124,7 @@ def render_status(record: JobRecord | None, ahead: int | None, facts: str | None
     lines = [
         f"<div class='bs-job bs-{record.status}'>",
         f"<div class='bs-job-head'><span class='bs-badge'>{label}</span>"
-        f"<b>{html.escape(record.name)}</b><span class='bs-dim'>{html.escape(METHODS[record.method].label)} · "
+        f"<b>{html.escape(record.name)}</b><span class='bs-dim'>{html.escape(_method_label(record.method))} · "
         f"{html.escape(record.model)}</span></div>",
         f"<div class='bs-bar' role='progressbar' aria-valuenow='{percent:.0f}' aria-valuemin='0' "
         f"aria-valuemax='100'><div style='width:{percent:.1f}%'></div></div>",
@@ -139,8 +170,9 @@ def _samples(studio: Studio, record: JobRecord | None) -> list[tuple[str, str]]:
     items = []
     package = studio.workspace_of(record.owner).packages / record.name
     if record.status == "done" and is_package(package):
-        for stem, caption in (("full", "content + style"), ("content", "content"), ("style", "style"),
-                              ("input", "trained crop")):
+        method = METHODS.get(record.method)
+        shown = [(s.stem, s.caption) for s in (method.samples if method is not None else ())]
+        for stem, caption in (*shown, ("input", "trained crop")):
             if path := AdapterPackage(package, {}).sample(stem):
                 items.append((str(path), caption))
     for name in reversed(record.samples):
@@ -172,11 +204,11 @@ def status_values(studio: Studio, record: JobRecord | None, send_samples: bool =
 
 def build(studio: Studio) -> TrainTab:
     ws = studio.workspace
-    methods = [(m.label, m.key) for m in METHODS.values() if m.available]
+    methods = [(m.label, m.key) for m in METHODS.values()]
     first = METHODS[methods[0][1]]
     first_model = REGISTRY[studio.default_models[first.arch]]
     defaults = training_defaults(first, first_model)
-    missing = [m.label for m in METHODS.values() if not m.available]
+    missing = unavailable()
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
@@ -209,6 +241,18 @@ def build(studio: Studio) -> TrainTab:
                 adapter = gr.Radio(label="Adapter", elem_id="train-adapter", **adapter_options(first),
                                    info="DyLoRA and SoRA packages can be exported later at a smaller rank "
                                         "(Share tab, or blockstudio export)")
+                # Each recipe's own settings, from its settings' metadata; shown while that recipe is chosen.
+                own_groups, own_controls = {}, []
+                for method_spec in METHODS.values():
+                    fields = method_spec.form_fields()
+                    if not fields:
+                        continue
+                    with gr.Accordion(f"{method_spec.name} settings", open=False,
+                                      visible=method_spec.key == first.key,
+                                      elem_id=f"train-settings-{method_spec.command}") as group:
+                        for field in fields:
+                            own_controls.append((method_spec.key, field.name, setting_control(field)))
+                    own_groups[method_spec.key] = group
             start = gr.Button("Start training", variant="primary", size="lg", elem_id="train-start")
 
     gr.Markdown("### Progress")
@@ -238,7 +282,8 @@ def build(studio: Studio) -> TrainTab:
         updates = (gr.Dropdown(choices=model_choices(studio, chosen.arch), value=spec.name, info=model_info(spec.name)),
                    gr.Radio(info=chosen.blurb), values["steps"], values["rank"], values["learning_rate"],
                    values["sample_every"], gr.Textbox(placeholder=chosen.token_hint),
-                   gr.Radio(**adapter_options(chosen)))
+                   gr.Radio(**adapter_options(chosen)),
+                   *(gr.Accordion(visible=owner == key) for owner in own_groups))
         if studio.banner is None:
             return updates
         notice = banner(studio.gpu, spec.name)
@@ -257,7 +302,7 @@ def build(studio: Studio) -> TrainTab:
 
     @handler
     def start_training(workspace_id, upload, method_key, model_name, package_name, n_steps, lora_rank, lr,
-                       seed_value, preview_every, trigger, adapter_type="lora"):
+                       seed_value, preview_every, trigger, adapter_type="lora", own=None):
         path = upload_path(upload)
         if not path:
             raise gr.Error("Upload an image first (drag and drop, paste, or pick an example).",
@@ -267,6 +312,7 @@ def build(studio: Studio) -> TrainTab:
             owner, image=path, method=method_key, model=model_name, name=package_name or None,
             steps=n_steps or 0, rank=lora_rank or 0, learning_rate=lr or 0, seed=seed_value or 0,
             sample_every=preview_every or 0, token=trigger, adapter=adapter_type or "lora",
+            options=(own or {}).get(method_key) if isinstance(own, dict) else None,
         )
         ahead = studio.jobs.position(record.id)
         gr.Info(f"{record.name}: queued" + (f" behind {ahead} job(s)." if ahead else ", starting now."))
@@ -325,7 +371,7 @@ def build(studio: Studio) -> TrainTab:
         return current_job(owner)
 
     cheap = dict(concurrency_limit=None, show_progress="hidden")
-    method_outputs = [model, method, steps, rank, learning_rate, sample_every, token, adapter]
+    method_outputs = [model, method, steps, rank, learning_rate, sample_every, token, adapter, *own_groups.values()]
     if studio.banner is not None:
         method_outputs.append(studio.banner)  # it names the tiny model the chosen method trains on
     method.input(change_method, [method], method_outputs, api_visibility="private", **cheap)
@@ -333,8 +379,11 @@ def build(studio: Studio) -> TrainTab:
     # preprocess=False: the handlers check uploads themselves (see upload_path).
     gr.on([image.change, model.change], crop_preview, [image, model], [crop], api_name="crop_preview",
           preprocess=False, **cheap)
+    own = gr.State({})  # the recipes' own settings as this page set them (see `remember_setting`)
+    for key, setting_name, control in own_controls:
+        control.change(remember_setting(key, setting_name), [own, control], [own], api_visibility="private", **cheap)
     start.click(start_training, [ws, image, method, model, name, steps, rank, learning_rate, seed, sample_every,
-                                 token, adapter], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
+                                 token, adapter, own], [job] + outputs, api_name="train", concurrency_limit=None, preprocess=False,
                 show_progress="hidden")
     job.input(show_job, [ws, job], outputs, api_visibility="private", **cheap)
     timer.tick(poll_job, [ws, job, shown], outputs + [shown], api_name="job_status", **cheap)

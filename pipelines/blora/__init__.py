@@ -17,64 +17,48 @@ The recipe below is data (blocks, projections, defaults) plus the functions the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines.blora.settings import (
+    ADAPTER_NAME,
+    ADAPTER_TYPES,
+    BLOCKS,
+    COMPOSITION,
+    CONTENT_BLOCK,
+    PROJECTIONS,
+    STYLE_BLOCK,
+    BLoRASettings,
+    TrainRequest,
+    default_train_config,
+    train_config,
+)
+from pipelines.errors import InvalidAdapter, InvalidSetting
 from pipelines.images import to_pixels
+from pipelines.recipes import (
+    Exported,
+    ImportSpec,
+    PartSpec,
+    RecipeSpec,
+    SampleSpec,
+    register_recipe,
+    train_package,
+)
 from pipelines.training import (
     CachedLatents,
-    RunRequest,
     TrainConfig,
     gradient_checkpointing_for,
-    loop_options,
     make_optimizer,
     resolve_levers,
     weight_dtype_for,
 )
 
-CONTENT_BLOCK = "up_blocks.0.attentions.0"
-STYLE_BLOCK = "up_blocks.0.attentions.1"
-BLOCKS = {"content": CONTENT_BLOCK, "style": STYLE_BLOCK}
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-ADAPTER_NAME = "blora"
-ADAPTER_TYPES = ("lora", "dylora", "sora")
-# Which part each use loads (adapter.json's `composition`): the content block's half for the subject, the style
-# block's half for the style (the paper's Sec. 4.3).
-COMPOSITION = {
-    "name": "B-LoRA",
-    "uses": {"mix": "content", "content": "content", "reembed": "content", "style": "style"},
-    "optional": [],
-}
-
-
-@dataclass
-class BLoRASettings:
-    """Everything that defines a B-LoRA training run beyond the loop's own settings."""
-
-    token: str = "[v]"
-    prompt_template: str = "A {token}"
-    rank: int = 64
-    resolution: int = 1024
-    projections: tuple[str, ...] = PROJECTIONS
-    blocks: dict[str, str] = field(default_factory=lambda: dict(BLOCKS))
-    adapter: str = "lora"  # lora (PEFT, the official recipe), dylora or sora (pipelines.adapters)
-
-    @property
-    def prompt(self) -> str:
-        return self.prompt_template.format(token=self.token)
-
-
-def default_train_config(**overrides: Any) -> TrainConfig:
-    """The official recipe: AdamW at 5e-5 (weight decay 1e-4, clip 1.0), 1000 steps, seed 0."""
-    config = TrainConfig(steps=1000, learning_rate=5e-5, weight_decay=1e-4, max_grad_norm=1.0, seed=0)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+__all__ = ["ADAPTER_NAME", "ADAPTER_TYPES", "BLOCKS", "COMPOSITION", "CONTENT_BLOCK", "PROJECTIONS", "SPEC",
+           "STYLE_BLOCK", "BLoRARecipe", "BLoRASettings", "TrainRequest", "add_blora_adapter", "checkpointing_units",
+           "default_train_config", "prepare_request", "rank_adapter_config", "split_by_block", "target_modules",
+           "train_blora", "train_config"]
 
 
 def target_modules(unet: torch.nn.Module, blocks: dict[str, str] | None = None,
@@ -312,6 +296,32 @@ class BLoRARecipe:
 
     # -- after training -----------------------------------------------------------------------------
 
+    def export(self) -> Exported:
+        """The package's weights: each block's half a part of its own. A rank adapter is written as the plain
+        LoRA it amounts to (DyLoRA at its largest rank, SoRA pruned), its trained factors kept beside it."""
+        full = self.adapter_state_dict()
+        trained, adapter = {}, None
+        if self.settings.adapter != "lora":
+            from pipelines.rank_export import adapter_info, group_by_module, lora_state, part_ranks
+
+            trained = {self.settings.adapter: full}
+            modules = group_by_module(full)
+            full = lora_state(self.adapter_config, modules)
+        parts = split_by_block(full, self.settings.blocks)
+        if trained:
+            if not all(parts.values()):
+                raise ValueError("every gate of one block went to zero: train with fewer steps or a lower threshold")
+            ranks = part_ranks(parts)
+            adapter = adapter_info(self.adapter_config, modules, max(ranks.values()))
+        else:
+            ranks = {role: self.settings.rank for role in parts}
+        facts = {"prompt": self.settings.prompt, "blocks": dict(self.settings.blocks), "ranks": ranks,
+                 "rank": adapter["rank"] if adapter else self.settings.rank,
+                 "target_modules": list(self.settings.projections)}
+        if adapter:
+            facts["adapter"] = adapter
+        return Exported(full=full, parts=parts, facts=facts, extra_files=trained)
+
     def remove_adapter(self) -> None:
         """Take the training adapter out of the UNet, leaving the base model as it was loaded."""
         self.unet.disable_gradient_checkpointing()
@@ -321,151 +331,95 @@ class BLoRARecipe:
             if ADAPTER_NAME in adapter_names(self.unet):
                 remove_adapter(self.unet, ADAPTER_NAME)
             return
-        self.unet.delete_adapters(ADAPTER_NAME)
+        if ADAPTER_NAME in (getattr(self.unet, "peft_config", None) or {}):
+            self.unet.delete_adapters(ADAPTER_NAME)
         if not getattr(self.unet, "peft_config", None):
             self.unet.unload_lora()  # also drop PEFT's empty wrappers
+
+    remove_adapters = remove_adapter  # the name `pipelines.recipes.train_package` calls
 
 
 # -- end to end: one image in, one package out ----------------------------------------------------------
 
 
-@dataclass
-class TrainRequest(RunRequest):
-    """Everything `train_blora` needs; the CLI and the app both build one of these."""
+def settings_for(request: TrainRequest, model) -> BLoRASettings:
+    """The run's settings (its token comes from the image, later); the resolution the model's unless asked."""
+    resolution = request.resolution or model.resolution
+    if resolution % 8:
+        raise InvalidSetting(f"resolution must be a multiple of 8 between 64 and 4096, not {resolution}")
+    return BLoRASettings(rank=request.rank, resolution=resolution, adapter=request.adapter)
 
-    model: str = "sdxl"
-    learning_rate: float = 5e-5  # resolution None: 1024 for SDXL, 64 for tiny-sdxl; token None: e.g. [v42]
-    adapter: str = "lora"  # lora, dylora (every rank 1..rank in one run) or sora (gated ranks, pruned)
+
+def job_fields(request: TrainRequest, settings: BLoRASettings) -> dict:
+    """What must not change between a run and its resumption, beyond what every recipe records."""
+    job = {"rank": settings.rank, "resolution": settings.resolution}
+    if settings.adapter != "lora":  # (not in a LoRA run's job, whose unfinished runs stay resumable as they were)
+        job["adapter"] = settings.adapter
+    return job
 
 
 def prepare_request(request: TrainRequest):
-    """Validate every input before any model is loaded; return (spec, cropped image, token, out, work dir)."""
-    import hashlib
+    """Validate every input before any model is loaded (`pipelines.recipes.prepare_run`)."""
+    from pipelines.recipes import prepare_run
 
-    from pipelines.images import center_crop_square, load_image
-    from pipelines.models import resolve_model
-    from pipelines.package import check_name, check_token, token_for_image
-    from pipelines.storage import check_writable_target
-    from pipelines.training import check_resume, check_run_request, work_dir_for
-
-    check_run_request(request)
-    spec = resolve_model(request.model)
-    if spec.arch != "sdxl":
-        raise ValueError(f"B-LoRA needs an SDXL model; {request.model} is {spec.arch.upper()} (use SplitFlux for Flux)")
-    out = check_writable_target(request.out, force=request.force)
-    check_name(out.name)
-    check_resume(work_dir_for(out), request.resume)
-    if request.adapter not in ADAPTER_TYPES:
-        raise ValueError(f"adapter must be one of {', '.join(ADAPTER_TYPES)}, not {request.adapter!r}")
-    if request.adapter == "sora" and request.use_8bit_adam:
-        raise ValueError("SoRA trains with its own optimiser (the gates' proximal step); leave 8-bit Adam off")
-    resolution = request.resolution or spec.resolution
-    if resolution % 8 or resolution < 64 or resolution > 4096:
-        raise ValueError(f"resolution must be a multiple of 8 between 64 and 4096, not {resolution}")
-    image = load_image(request.image)
-    crop = center_crop_square(image, resolution)
-    token = check_token(request.token) if request.token else token_for_image(crop)
-    work = work_dir_for(out)
-    fingerprint = hashlib.sha256(crop.tobytes()).hexdigest()
-    return spec, crop, token, out, work, resolution, fingerprint
+    return prepare_run(SPEC, request)
 
 
-def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, cancel=None, pipe=None) -> Path:
+def train_blora(request: TrainRequest, *, on_progress=None, on_sample=None, cancel=None, pipe=None):
     """Train a B-LoRA from one image and write its package to `request.out`. Returns the package path.
 
     `on_sample(step, image)` receives a preview every `sample_every` steps. Raises `TrainingCancelled` if
     `cancel` is set; the last checkpoint stays in `<out>.partial` for `resume=True`.
     """
-    import shutil
+    return train_package(SPEC, request, on_progress=on_progress, on_sample=on_sample, cancel=cancel, pipe=pipe)
 
-    from pipelines.generation import preview_image, sample_with_parts
-    from pipelines.models import load_pipeline
-    from pipelines.package import PackageContents, write_package
-    from pipelines.training import discard_if_unused, prepare_work_dir, train
 
-    spec, crop, token, out, work, resolution, fingerprint = prepare_request(request)
-    settings = BLoRASettings(token=token, rank=request.rank, resolution=resolution, adapter=request.adapter)
-    job = {"method": "b-lora", "image_sha256": fingerprint, "token": token, "rank": request.rank,
-           "resolution": resolution, "model": spec.name, "seed": request.seed}
-    if request.adapter != "lora":  # (not in a LoRA run's job, whose unfinished runs stay resumable as they were)
-        job["adapter"] = request.adapter
+def import_parts(canonical: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoRA made elsewhere as B-LoRA's parts; weights outside its two blocks are refused."""
+    outside = sorted({key.rsplit(".lora_", 1)[0] for key in canonical
+                      if not any(key.startswith(b + ".") for b in BLOCKS.values())})
+    if outside:
+        raise InvalidAdapter(f"not a B-LoRA: it has weights outside {CONTENT_BLOCK} and {STYLE_BLOCK}, "
+                             f"e.g. {outside[0]}")
+    return {role: state for role, state in split_by_block(canonical).items() if state}
 
-    config = default_train_config(
-        steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
-        checkpoint_every=request.checkpoint_every, sample_every=request.sample_every, **loop_options(request),
-    )
-    if pipe is None:
-        pipe = load_pipeline(request.model)
-    prepare_work_dir(work, job, resume=request.resume, restart=request.restart)
-    recipe = BLoRARecipe(pipe, crop, settings)
-    sample_steps = request.sample_steps or spec.fast_steps  # previews and samples: the "fast" steps
 
-    def preview(step: int) -> None:
-        if on_sample is not None:
-            on_sample(step, preview_image(pipe, settings.prompt, resolution, sample_steps, request.seed, spec))
+def rank_split(state: dict[str, torch.Tensor], info) -> dict[str, dict[str, torch.Tensor]]:
+    """A package's whole adapter split into its parts again, by the blocks adapter.json records."""
+    return split_by_block(state, info.blocks or None)
 
-    with discard_if_unused(work):
-        try:
-            result = train(recipe, config, work, resume=request.resume, on_progress=on_progress,
-                           on_sample=preview if on_sample else None, cancel=cancel,
-                           max_steps_this_call=request.max_steps_this_call)
-        except BaseException:
-            if request.adapter != "lora":  # the next run on this pipeline needs the bare UNet
-                recipe.remove_adapter()
-            raise
-    full = recipe.adapter_state_dict()
-    trained, adapter = {}, None
-    if request.adapter != "lora":
-        from pipelines.rank_export import adapter_info, group_by_module, lora_state, part_ranks
 
-        trained = {request.adapter: full}
-        modules = group_by_module(full)
-        full = lora_state(recipe.adapter_config, modules)
-    recipe.remove_adapter()
-    parts = split_by_block(full, settings.blocks)
-    if trained:
-        if not all(parts.values()):
-            raise ValueError("every gate of one block went to zero: train with fewer steps or a lower threshold")
-        ranks = part_ranks(parts)
-        adapter = adapter_info(recipe.adapter_config, modules, max(ranks.values()))
-    samples = {"input": crop}
-    sample_prompts = {}
-    if request.samples:
-        for stem, (active, prompt) in {
-            "full": (("content", "style"), f"A {token}"),
-            "content": (("content",), f"A {token}"),
-            "style": (("style",), f"A cat in {token} style"),
-        }.items():
-            samples[stem] = sample_with_parts(pipe, {r: parts[r] for r in active}, prompt, resolution,
-                                              sample_steps, request.seed, spec)
-            sample_prompts[stem] = prompt
-    if adapter is None:
-        ranks = {role: request.rank for role in parts}
-    info = {
-        "method": "b-lora",
-        "base_model": spec.name if spec.repo_id or spec.tiny else Path(spec.name).name,
-        "base_model_id": spec.repo_id or ("" if spec.tiny else Path(spec.name).name),
-        "arch": "sdxl",
-        "token": token,
-        "prompt": settings.prompt,
-        "blocks": settings.blocks,
-        "composition": COMPOSITION,
-        "ranks": ranks,
-        "rank": adapter["rank"] if adapter else request.rank,
-        "target_modules": list(settings.projections),
-        "steps": result.steps,
-        "learning_rate": request.learning_rate,
-        "seed": request.seed,
-        "resolution": resolution,
-        "image_sha256": fingerprint,
-        "sample_prompts": sample_prompts,
-        "final_loss": result.loss_history[-1] if result.loss_history else None,
-    }
-    if adapter:
-        info["adapter"] = adapter
-    contents = PackageContents(name=out.name, info=info, full=full, parts=parts, samples=samples,
-                               loss_history=result.loss_history, extra_files=trained)
-    write_package(out, contents, replace=request.force)
-    if not request.keep_checkpoints:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+def _make_recipe(pipe, crop: Image.Image, settings: BLoRASettings) -> BLoRARecipe:
+    return BLoRARecipe(pipe, crop, settings)
+
+
+SPEC = register_recipe(RecipeSpec(
+    key="b-lora",
+    command="blora",
+    name="B-LoRA",
+    label="B-LoRA · SDXL",
+    arch="sdxl",
+    blurb="Content and style LoRA on two attention blocks of SDXL's first up-block (Frenkel et al., 2024).",
+    cli_help="B-LoRA on SDXL",
+    settings=TrainRequest,
+    train=train_blora,
+    settings_for=settings_for,
+    make_recipe=_make_recipe,
+    train_config=train_config,
+    job_fields=job_fields,
+    parts=(PartSpec("content", "the content (subject) alone"), PartSpec("style", "the style alone")),
+    composition=COMPOSITION,
+    samples=(SampleSpec("full", ("content", "style"), "A {token}", "content + style"),
+             SampleSpec("content", ("content",), "A {token}", "content"),
+             SampleSpec("style", ("style",), "A cat in {style_token} style", "style")),
+    preview_prompt="A {token}",
+    subject="[c]",
+    token_format="[v{number}]",
+    token_hint="automatic, e.g. [v42]",
+    adapters=ADAPTER_TYPES,
+    importer=ImportSpec(
+        layouts="the official repository's files, the lora-library Hub models, diffusers' --use_blora output "
+                "(PEFT or diffusers keys) and kohya files with diffusers or SGM block names",
+        split=import_parts, blocks=dict(BLOCKS)),
+    split=rank_split,
+))
