@@ -29,7 +29,7 @@ import torch
 
 from pipelines import formats
 from pipelines.errors import BlockStudioError
-from pipelines.package import AdapterPackage, PackageContents, check_name, write_package
+from pipelines.package import AdapterPackage, PackageContents, PackageInfo, check_name, write_package
 
 MODES = ("masked", "sum")
 MAX_PACKAGES = 8
@@ -219,7 +219,46 @@ def merge_packages(packages: list[AdapterPackage], out, name: str, options: Merg
         },
     }
     contents = PackageContents(name=name, info=info, full=result.state, parts={"style": result.state})
-    return write_package(out, contents, replace=replace)
+    return write_package(out, contents, card=merged_card(PackageInfo.from_dict({**info, "name": name})),
+                         replace=replace)
+
+
+def merged_card(info: PackageInfo) -> str:
+    """README.md of a merged style package: what was merged and how, and how to load the style."""
+    from pipelines.model_card import BASE_IDS, _yaml_str
+    from pipelines.models import ARCHITECTURES
+
+    merge = info.extra.get("merge") if isinstance(info.extra.get("merge"), dict) else {}
+    arch = ARCHITECTURES.get(info.arch, ARCHITECTURES["sdxl"])
+    base = info.base_model or arch.default_model
+    base_id = BASE_IDS.get(base, base)
+    name, token = info.name or "merged-style", info.style_token or info.token
+    prompt = info.prompt or f"A lighthouse in {token} style"
+    tiny = base.startswith("tiny-")
+    sources = [s.get("name", "?") for s in merge.get("sources", []) if isinstance(s, dict)]
+    how = ("each style's weight delta added on its TALL mask (MergeVLA), lambda "
+           f"{merge.get('mask_lambda')}" if merge.get("mode") == "masked" else "the weighted sum of the styles' deltas")
+    load = ([f"from pipelines.models import model_path  # {base} is built by Block Studio, not on the Hub", "",
+             f'pipe = {arch.pipeline}.from_pretrained(model_path("{base}"))'] if tiny else
+            ["", f'pipe = {arch.pipeline}.from_pretrained("{base_id}", torch_dtype=torch.{arch.dtype}).to("cuda")'])
+    lines = ["---", *([] if tiny else [f"base_model: {_yaml_str(base_id)}"]), "library_name: diffusers",
+             f"license: {arch.license}", f"instance_prompt: {_yaml_str(prompt)}", "tags:",
+             *[f"- {t}" for t in ("text-to-image", "lora", "diffusers", "template:sd-lora", info.method or "adapter",
+                                  "blockstudio", "merged", arch.hub_tag)], "---", "",
+             f"# {name}", "",
+             f"The styles of {', '.join(f'`{s}`' for s in sources) or 'several packages'} merged into one "
+             f"**{info.method}** style adapter for `{base_id}` by Block Studio: {how}, weights "
+             f"{merge.get('weights')}, factored back into a LoRA of rank {info.rank} "
+             f"({merge.get('factorization', '')}; at least {float(merge.get('energy_kept_min', 1.0)):.1%} of each "
+             f"layer's merged delta kept). Style token: `{token}`.", "",
+             "## Use with diffusers", "", "```python", "import torch", f"from diffusers import {arch.pipeline}", *load,
+             f'pipe.load_lora_weights("{name}", weight_name="style.safetensors", adapter_name="style")',
+             f'image = pipe("{prompt}", generator=torch.Generator("cpu").manual_seed(0)).images[0]', "```", "",
+             "`pytorch_lora_weights.safetensors` holds the same style (diffusers' default file name).", "",
+             "## Use with ComfyUI, A1111 or Forge", "",
+             f"Load `kohya/{name}_style.safetensors` with a LoRA loader node on the same base model, and put "
+             f"`{token}` in the prompt.", ""]
+    return "\n".join(lines)
 
 
 def _style_blocks(packages: list[AdapterPackage]) -> str:

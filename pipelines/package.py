@@ -211,11 +211,12 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
 
 
 def rewrite_weights(source: str | Path, out: str | Path, states: dict[str, dict[str, torch.Tensor]],
-                    info: PackageInfo | dict, *, replace: bool = False, leave_out: tuple[str, ...] = ()) -> Path:
+                    info: PackageInfo | dict, *, replace: bool = False, leave_out: tuple[str, ...] = (),
+                    card: str | None = None) -> Path:
     """A copy of package `source` at `out` whose weight parts `states` (part -> canonical state) and adapter.json
     (`info`) are new; every other file but those `leave_out` names (relative paths) comes along as it is
     (hard-linked where possible). Each part's diffusers file and its kohya file are written again, and the model
-    card is rendered from `info`.
+    card is `card`, or rendered from `info`.
 
     `out` may be `source` itself with `replace`: the package is swapped in whole, never half written.
     """
@@ -254,9 +255,11 @@ def rewrite_weights(source: str | Path, out: str | Path, states: dict[str, dict[
             if isinstance(kohya, str):
                 _write_kohya(staging / kohya, meta, part, state, prefix)
         write_json(staging / "adapter.json", record)
-        from pipelines.model_card import render_model_card
+        if card is None:
+            from pipelines.model_card import render_model_card
 
-        (staging / "README.md").write_text(render_model_card(meta))
+            card = render_model_card(meta)
+        (staging / "README.md").write_text(card)
     return out
 
 

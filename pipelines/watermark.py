@@ -46,7 +46,7 @@ import torch
 
 from pipelines import formats
 from pipelines.errors import BlockStudioError
-from pipelines.package import AdapterPackage, check_name, rewrite_weights
+from pipelines.package import AdapterPackage, PackageInfo, check_name, rewrite_weights
 
 SCHEME = "markboard-lora-probes-v1"
 CAPACITY = 64
@@ -332,7 +332,12 @@ def mark_package(folder, signature: str, *, key: str = "", strength: float = DEF
     info["watermark"] = record(len(bits), strength, key)
     if out is not None:
         info["name"] = check_name(Path(out).name)
-    return rewrite_weights(folder, folder if out is None else out, states, info,
+    card = None
+    if isinstance(info.get("merge"), dict):  # a merged style package keeps the card of its kind
+        from pipelines.merge import merged_card
+
+        card = merged_card(PackageInfo.from_dict(info))
+    return rewrite_weights(folder, folder if out is None else out, states, info, card=card,
                            replace=True if out is None else replace, leave_out=(trained,) if trained else ())
 
 

@@ -139,6 +139,17 @@ def test_merging_two_style_packages_gives_a_package_plain_diffusers_loads(packag
     pipe.load_lora_weights(str(path / "kohya"), weight_name="blend.safetensors", adapter_name="blend-kohya")
 
 
+def test_a_merged_package_s_card_loads_its_style_and_keeps_doing_so_when_signed(packages, tmp_path):
+    cat, coffee = (AdapterPackage.open(p) for p in packages)
+    path = merge_packages([cat, coffee], tmp_path / "blend", "blend")
+    signed = mark_package(path, "101", out=tmp_path / "blend-signed")
+    for folder, name in ((path, "blend"), (signed, "blend-signed")):
+        card = (folder / "README.md").read_text()
+        assert f'pipe.load_lora_weights("{name}", weight_name="style.safetensors"' in card
+        assert "`cat`, `coffee`" in card and "TALL mask" in card and "mix.safetensors" not in card
+        assert f"kohya/{name}_style.safetensors" in card and (folder / "kohya" / f"{name}_style.safetensors").is_file()
+
+
 def test_packages_of_different_base_models_or_methods_are_refused(packages, tmp_path):
     info_path = packages[1] / "adapter.json"
     info = json.loads(info_path.read_text())
