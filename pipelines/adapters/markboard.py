@@ -20,14 +20,16 @@ further entangles the watermark weights with those of the base model, preventing
 model performance", and that verification is black-box. Everything above the abstract's words is OUR READING:
 - two branches per bit, each answering the bit's trigger set with its own label (`two branches per bit`: a
   removed or damaged branch then reads as "undecided", not as a 0);
-- `training="independent"` trains each branch alone (the other bits' branches off), as the abstract's
-  "independently embedding" says; `"joint"` trains all bits at once under a random signature each step, so
-  every combination is seen in training;
+- `training="independent"` trains each branch alone (`training_branch`: only its factors learn), as the
+  abstract's "independently embedding" may be read; `"joint"` trains all bits at once under a random signature
+  each step, so every combination is seen in training (on the lab's tiny ViT, branches trained one at a time
+  interfere when switched on together more often than jointly trained ones; its experiment defaults to joint);
 - the obfuscation: a random low-rank E (Frobenius norm `strength` times the base weight's) is taken out of
   the base weight and spread over the bits, each bit's two branches carrying the same share. Selected branches
   therefore always add E back (any signature, same model), while the base weight alone, or with a bit's branch
   dropped, is W minus (part of) E;
-- the targets y_i0, y_i1 and the triggers come from the owner's key (a seed); `trigger_labels` draws them.
+- the targets y_i0, y_i1 and the triggers come from the owner's key (a seed); `trigger_labels` draws them,
+  optionally avoiding labels the unmarked model already gives to a bit's triggers (so it reads no bit).
 
 The signature is the layer's state and is saved with the adapter (`signature`, one float per bit: 0, 1, or -1
 for a bit whose branches are both off). Keys of the state: `lora_A` (n, 2, r, d_in), `lora_B` (n, 2, d_out, r),
