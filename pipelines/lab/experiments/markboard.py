@@ -95,7 +95,7 @@ class MarkBoardSettings(LabSettings):
 
     @classmethod
     def quick(cls) -> MarkBoardSettings:
-        return cls(bits=4, rank=4, steps=60, triggers=48, head_steps=150, swaps=4)
+        return cls(bits=4, rank=4, steps=40, triggers=48, head_steps=100, swaps=4)
 
 
 def stamp(images: torch.Tensor, pattern: torch.Tensor, cell: int, blend: float) -> torch.Tensor:
