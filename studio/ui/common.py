@@ -230,6 +230,39 @@ def format_size(size: float) -> str:
     return f"{int(size)} B"
 
 
+STATUS_LABELS = {
+    "queued": "Queued", "running": "Running", "cancelling": "Stopping", "cancelled": "Cancelled",
+    "failed": "Failed", "done": "Done", "interrupted": "Interrupted", "discarded": "Discarded",
+}
+
+
+def queue_note(ahead: int | None) -> str:
+    """Where a queued job stands."""
+    return "Next in line." if not ahead else f"Waiting: {ahead} job{'s' if ahead > 1 else ''} ahead of yours."
+
+
+def job_card(status: str, badge: str, title: str, subtitle: str, percent: float, stats: list[str],
+             note: str | None, facts: str | None) -> str:
+    """A job's card as the Train tab and the lab panels show it: a badge, a title, a progress bar, a row of
+    stats, a note and the ops line. `title` and `subtitle` are plain text (escaped here); `stats` and `note` are
+    HTML."""
+    percent = min(100.0, max(0.0, percent))
+    stat_spans = "".join(f"<span>{item}</span>" for item in stats)
+    lines = [
+        f"<div class='bs-job bs-{html.escape(status)}'>",
+        f"<div class='bs-job-head'><span class='bs-badge'>{html.escape(badge)}</span>"
+        f"<b>{html.escape(title)}</b><span class='bs-dim'>{html.escape(subtitle)}</span></div>",
+        f"<div class='bs-bar' role='progressbar' aria-valuenow='{percent:.0f}' aria-valuemin='0' "
+        f"aria-valuemax='100'><div style='width:{percent:.1f}%'></div></div>",
+        f"<div class='bs-stats'>{stat_spans}</div>",
+    ]
+    if note:
+        lines.append(f"<div class='bs-note'>{note}</div>")
+    lines.append(ops_note(facts))
+    lines.append("</div>")
+    return "".join(lines)
+
+
 def ops_note(facts: str | None) -> str:
     """The line under a job's card that says what serves the jobs and how busy it is (`JobFacts.summary`)."""
     return f"<div class='bs-ops bs-dim'>{html.escape(facts)}</div>" if facts else ""

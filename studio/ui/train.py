@@ -24,14 +24,21 @@ from pipelines.settings import SettingField
 from pipelines.storage import is_package
 from studio.jobs import JobRecord
 from studio.methods import ADAPTER_LABELS, METHODS, Method, models_for, training_defaults, unavailable
-from studio.ui.common import Studio, banner, format_seconds, handler, ops_note, upload_path
+from studio.ui.common import STATUS_LABELS as COMMON_STATUS_LABELS
+from studio.ui.common import (
+    Studio,
+    banner,
+    format_seconds,
+    handler,
+    job_card,
+    ops_note,
+    queue_note,
+    upload_path,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "assets" / "examples"
-STATUS_LABELS = {
-    "queued": "Queued", "running": "Training", "cancelling": "Stopping", "cancelled": "Cancelled",
-    "failed": "Failed", "done": "Done", "interrupted": "Interrupted", "discarded": "Discarded",
-}
+STATUS_LABELS = {**COMMON_STATUS_LABELS, "running": "Training"}
 POLL_SECONDS = 1.0
 
 
@@ -121,19 +128,9 @@ def render_status(record: JobRecord | None, ahead: int | None, facts: str | None
     wrapping_up = finishing(record)
     label = "Finishing" if wrapping_up else STATUS_LABELS.get(record.status, record.status)
     eta = format_seconds(record.eta_s) if record.status == "running" and not wrapping_up else "–"
-    lines = [
-        f"<div class='bs-job bs-{record.status}'>",
-        f"<div class='bs-job-head'><span class='bs-badge'>{label}</span>"
-        f"<b>{html.escape(record.name)}</b><span class='bs-dim'>{html.escape(_method_label(record.method))} · "
-        f"{html.escape(record.model)}</span></div>",
-        f"<div class='bs-bar' role='progressbar' aria-valuenow='{percent:.0f}' aria-valuemin='0' "
-        f"aria-valuemax='100'><div style='width:{percent:.1f}%'></div></div>",
-        f"<div class='bs-stats'><span>Step <b>{record.step}</b> / {record.total}</span><span>{speed}</span>"
-        f"<span>ETA {eta}</span><span>loss {loss}</span></div>",
-    ]
     note = None
     if record.status == "queued":
-        note = "Next in line." if not ahead else f"Waiting: {ahead} job{'s' if ahead > 1 else ''} ahead of yours."
+        note = queue_note(ahead)
     elif wrapping_up:
         note = f"All {record.total} steps done: saving the package and rendering its samples…"
     elif record.status == "cancelling":
@@ -148,11 +145,9 @@ def render_status(record: JobRecord | None, ahead: int | None, facts: str | None
         note = f"{reason}Resume continues {where}."
     if record.resumed_from:
         note = (note + " " if note else "") + f"(Resumed from step {record.resumed_from}.)"
-    if note:
-        lines.append(f"<div class='bs-note'>{note}</div>")
-    lines.append(ops_note(facts))
-    lines.append("</div>")
-    return "".join(lines)
+    stats = [f"Step <b>{record.step}</b> / {record.total}", speed, f"ETA {eta}", f"loss {loss}"]
+    return job_card(record.status, label, record.name, f"{_method_label(record.method)} · {record.model}", percent,
+                    stats, note, facts)
 
 
 def _loss_frame(record: JobRecord | None) -> pd.DataFrame | None:

@@ -21,16 +21,12 @@ from pipelines.errors import BlockStudioError
 from pipelines.lab import LabResult
 from pipelines.lab.experiment import SettingField
 from studio.jobs import JobRecord
-from studio.ui.common import Studio, format_seconds, handler, ops_note
+from studio.ui.common import STATUS_LABELS, Studio, format_seconds, handler, job_card, ops_note, queue_note
 
 MAX_FIGURES = 6
 MAX_TABLES = 3
 POLL_SECONDS = 1.0
 SLIDER_SPAN = 512  # whole-number fields with a range at most this wide get a slider
-STATUS_LABELS = {
-    "queued": "Queued", "running": "Running", "cancelling": "Stopping", "cancelled": "Cancelled",
-    "failed": "Failed", "done": "Done", "interrupted": "Interrupted", "discarded": "Discarded",
-}
 BASE_FIELDS = ("seed", "model_id")
 
 
@@ -89,29 +85,18 @@ def render_status(record: JobRecord | None, ahead: int | None, facts: str | None
                 f"through the studio's job queue, and you can leave or reload the page while it runs.{ops_note(facts)}"
                 "</div>")
     percent = 100.0 * min(1.0, max(0.0, record.fraction))
-    elapsed = format_seconds(record.elapsed_s)
     eta = format_seconds(record.eta_s) if record.status == "running" else "–"
-    lines = [
-        f"<div class='bs-job bs-{record.status}'>",
-        f"<div class='bs-job-head'><span class='bs-badge'>{STATUS_LABELS.get(record.status, record.status)}</span>"
-        f"<b>{html.escape(_title(record.method))}</b><span class='bs-dim'>{html.escape(record.model)}</span></div>",
-        f"<div class='bs-bar' role='progressbar' aria-valuenow='{percent:.0f}' aria-valuemin='0' "
-        f"aria-valuemax='100'><div style='width:{percent:.1f}%'></div></div>",
-        f"<div class='bs-stats'><span><b>{percent:.0f}%</b></span><span>{html.escape(record.message or '')}</span>"
-        f"<span>elapsed {elapsed}</span><span>ETA {eta}</span></div>",
-    ]
     note = None
     if record.status == "queued":
-        note = "Next in line." if not ahead else f"Waiting: {ahead} job{'s' if ahead > 1 else ''} ahead of yours."
+        note = queue_note(ahead)
     elif record.status == "cancelling":
         note = "Stopping at the run's next progress report…"
     elif record.status in ("failed", "interrupted", "cancelled"):
         note = (f"{html.escape(record.error)}. " if record.error else "") + "Press Run to start it again."
-    if note:
-        lines.append(f"<div class='bs-note'>{note}</div>")
-    lines.append(ops_note(facts))
-    lines.append("</div>")
-    return "".join(lines)
+    stats = [f"<b>{percent:.0f}%</b>", html.escape(record.message or ""),
+             f"elapsed {format_seconds(record.elapsed_s)}", f"ETA {eta}"]
+    return job_card(record.status, STATUS_LABELS.get(record.status, record.status), _title(record.method),
+                    record.model, percent, stats, note, facts)
 
 
 def _title(method: str) -> str:
