@@ -125,6 +125,8 @@ CASES: dict[str, Case] = {
     "explora": Case({"rank": 2, "unfrozen_blocks": [-1]}, model=tiny_stack, targets=STACK_LAYERS),
     "gs-lora": Case({"rank": 4, "lora_alpha": 2.0}),
     "relaxed-recursive": Case({"loops": 2, "rank": 4}, model=tiny_stack, targets=STACK_LAYERS),
+    "mergevla": Case({"tasks": ["a", "b"], "router_k": 4}),
+    "markboard": Case({"bits": 3, "rank": 2}),
     "cbq": Case({"bits": 3, "rank": 2}),
     # NF3 in blocks of 16 with 4-bit scales; the 512-number weights end in a partial scale group.
     "lq-lora": Case({"rank": 4, "quant_format": "nf3-16-4-bf16-64", "num_iterations": 5}),
