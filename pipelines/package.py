@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -105,7 +106,7 @@ class PackageContents:
 
 def _file_metadata(info: dict, part: str) -> dict[str, object]:
     keys = ("method", "base_model", "arch", "token", "prompt", "steps", "seed", "resolution", "blocks", "ranks",
-            "adapter", "style_token", "style_prompt", "rca_alpha", "gate")
+            "adapter", "style_token", "style_prompt", "rca_alpha", "gate", "watermark")
     meta = {f"blockstudio.{k}": info[k] for k in keys if k in info}
     meta["blockstudio.part"] = part
     meta["blockstudio.format_version"] = PACKAGE_FORMAT_VERSION
@@ -205,6 +206,59 @@ def write_package(out: str | Path, contents: PackageContents, *, card: str | Non
             from pipelines.model_card import render_model_card
 
             card = render_model_card(info)
+        (staging / "README.md").write_text(card)
+    return out
+
+
+def rewrite_weights(source: str | Path, out: str | Path, states: dict[str, dict[str, torch.Tensor]],
+                    info: PackageInfo | dict, *, replace: bool = False, leave_out: tuple[str, ...] = (),
+                    card: str | None = None) -> Path:
+    """A copy of package `source` at `out` whose weight parts `states` (part -> canonical state) and adapter.json
+    (`info`) are new; every other file but those `leave_out` names (relative paths) comes along as it is
+    (hard-linked where possible). Each part's diffusers file and its kohya file are written again, and the model
+    card is `card`, or rendered from `info`.
+
+    `out` may be `source` itself with `replace`: the package is swapped in whole, never half written.
+    """
+    source, out = Path(source), Path(out)
+    package = AdapterPackage.open(source)
+    meta = dataclasses.replace(as_package_info(info))
+    name = check_name(meta.name or package.name)
+    # A copy under another name gets its kohya files renamed, as the library's rename does.
+    moved = {rel: ("kohya/" + name + rel[len("kohya/") + len(package.name):]
+                   if rel.startswith(f"kohya/{package.name}") else rel)
+             for rel in meta.files.values() if isinstance(rel, str)}
+    files = meta.files = {k: moved.get(v, v) if isinstance(v, str) else v for k, v in meta.files.items()}
+    prefix = architecture(meta.arch).denoiser
+    rewritten = {files[part] for part in states} | {files.get("kohya" if part == "full" else f"kohya_{part}")
+                                                    for part in states} | {"adapter.json", "README.md"}
+    record = meta.to_dict()
+    with atomic_dir(out, replace=replace) as staging:
+        for path in package_files(source):
+            relative = moved.get(path.relative_to(source).as_posix(), path.relative_to(source).as_posix())
+            if relative in rewritten or relative in leave_out:
+                continue
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(path, target, follow_symlinks=False)
+        for part, state in states.items():
+            check_weights(state, f"{package.name} {part}")
+            package.file(part)  # the part the package lists must be there, a regular file
+            target = staging / files[part]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            formats.write_safetensors(target, formats.to_diffusers(state, prefix),
+                                      {**_file_metadata(record, part), **formats.peft_metadata(state, prefix)})
+            kohya = files.get("kohya" if part == "full" else f"kohya_{part}")
+            if isinstance(kohya, str):
+                _write_kohya(staging / kohya, meta, part, state, prefix)
+        write_json(staging / "adapter.json", record)
+        if card is None:
+            from pipelines.model_card import render_model_card
+
+            card = render_model_card(meta)
         (staging / "README.md").write_text(card)
     return out
 

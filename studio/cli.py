@@ -1,4 +1,4 @@
-"""`blockstudio` commands: train, generate, export, import, inspect, models, lab, jobs, app.
+"""`blockstudio` commands: train, generate, export, import, inspect, merge, watermark, models, lab, jobs, app.
 
 Every command validates its input before loading a model, prints one-line errors (exit code 2) for bad
 input, and never leaves half-written files behind.
@@ -211,6 +211,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pipelines.merge import MergeOptions, merge_packages, parse_weights
+    from pipelines.package import AdapterPackage
+    from pipelines.storage import check_writable_target
+
+    options = MergeOptions(mode=args.mode, mask_lambda=args.mask_lambda, weights=parse_weights(args.weights),
+                           rank=args.rank)
+    options.checked(len(args.packages))
+    packages = [AdapterPackage.open(path) for path in args.packages]
+    out = check_writable_target(args.out, force=args.force)
+    path = merge_packages(packages, out, out.name, options, replace=args.force)
+    info = AdapterPackage.open(path).info
+    print(f"merged {len(packages)} styles ({args.mode}) into {path}: rank {info['rank']}, "
+          f"{info['merge']['energy_kept_min']:.1%} of the merged delta kept (worst module)")
+    return 0
+
+
+def cmd_watermark(args: argparse.Namespace) -> int:
+    from pipelines.storage import check_writable_target
+    from pipelines.watermark import mark_package, parse_bits, verify_package
+
+    key = args.key if args.key is not None else os.environ.get("BLOCKSTUDIO_WATERMARK_KEY", "")
+    if args.watermark_command == "embed":
+        out = check_writable_target(args.out, force=args.force) if args.out else None
+        path = mark_package(args.package, args.signature, key=key, strength=args.strength, out=out,
+                            replace=args.force)
+        print(f"signed {path} with {len(parse_bits(args.signature))} bits")
+        return 0
+    result = verify_package(args.package, key=key, part=args.part)
+    print(f"{result.package}: signature {result.text} ({len(result.bits)} bits, read from its {result.part} file)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from pipelines.models import REGISTRY, model_path
 
@@ -393,6 +426,42 @@ def _optional_parts() -> dict[str, list]:
     return parts
 
 
+def add_merge_and_watermark(sub) -> None:
+    """The `merge` and `watermark embed|verify` commands."""
+    merge = sub.add_parser("merge", help="merge the styles of several packages into one package")
+    merge.add_argument("packages", nargs="+", help="two or more package folders (same base model and method)")
+    merge.add_argument("--out", required=True, help="folder for the merged package")
+    merge.add_argument("--mode", choices=["masked", "sum"], default="masked",
+                       help="masked: each style adds its delta on its TALL mask (MergeVLA); sum: the plain "
+                            "weighted sum of the styles' deltas")
+    merge.add_argument("--lambda", dest="mask_lambda", type=float, default=0.6,
+                       help="lambda of the masks |w tau| > lambda |sum - w tau| (MergeVLA: 0.6)")
+    merge.add_argument("--weights", default=None, help="one weight per package, e.g. 1,0.5 (default 1 each)")
+    merge.add_argument("--rank", type=int, default=None,
+                       help="rank of the merged LoRA, by truncated SVD (default: the sum of the inputs' ranks; a "
+                            "plain sum at that rank is written exactly, the factors side by side)")
+    _add_force_option(merge, "an existing package at --out")
+    merge.set_defaults(func=cmd_merge)
+
+    mark = sub.add_parser("watermark", help="sign a package with a MarkBoard signature, or read it back")
+    mark_commands = mark.add_subparsers(dest="watermark_command", required=True)
+    embed = mark_commands.add_parser("embed", help="write a signature into a package (or swap the one it has)")
+    embed.add_argument("package", help="the package folder")
+    embed.add_argument("--signature", required=True, help="the bits, e.g. 10110010 (at most 64)")
+    embed.add_argument("--out", default=None, help="write a signed copy here instead of signing the package itself")
+    embed.add_argument("--strength", type=float, default=10.0,
+                       help="how far a bit reads above an unsigned package's noise (6-16)")
+    _add_force_option(embed, "an existing package at --out")
+    verify = mark_commands.add_parser("verify", help="read a package's signature")
+    verify.add_argument("package", help="the package folder")
+    verify.add_argument("--part", default="full", help="which weight file to read (default: the whole adapter)")
+    for command in (embed, verify):
+        command.add_argument("--key", default=None,
+                             help="the owner's key (default: $BLOCKSTUDIO_WATERMARK_KEY, else none: anyone can read "
+                                  "and change the signature)")
+        command.set_defaults(func=cmd_watermark)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.recipes import all_recipes
 
@@ -458,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show a package's adapter.json or a file's safetensors metadata")
     ins.add_argument("path")
     ins.set_defaults(func=cmd_inspect)
+
+    add_merge_and_watermark(sub)
 
     models = sub.add_parser("models", help="list models, or print a model's local diffusers folder")
     models.add_argument("action", choices=["list", "path"])

@@ -338,6 +338,29 @@ class Library:
         info.name = name
         write_json(staging / "adapter.json", info.to_dict())
 
+    def merge_styles(self, names: list[str], new_name: str | None, options) -> str:
+        """Merge the style parts of packages `names` into a new package of this workspace; return its name."""
+        from pipelines.merge import merge_packages
+
+        packages = [self.open(n) for n in dict.fromkeys(n for n in names if n)]
+        with self.claimed(new_name or None, fallback="merged-style") as name:
+            merge_packages(packages, self.target(name), name, options)
+        return name
+
+    def sign(self, name: str, signature: str, key: str = "", new_name: str | None = None) -> str:
+        """A signed copy of package `name` (its signature swapped, if it has one); return the copy's name."""
+        from pipelines.watermark import mark_package
+
+        folder = self.path(name)
+        with self.claimed(new_name or None, fallback=f"{folder.name}-signed") as taken:
+            mark_package(folder, signature, key=key, out=self.target(taken))
+        return taken
+
+    def verify(self, name: str, key: str = ""):
+        from pipelines.watermark import verify_package
+
+        return verify_package(self.path(name), key=key)
+
     def rank_range(self, name: str) -> tuple[int, int, int] | None:
         """(lowest, highest, current) rank package `name` can be exported at, or None for a plain LoRA package."""
         info = self.open(name).info

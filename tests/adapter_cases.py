@@ -37,6 +37,50 @@ def tiny_net() -> nn.Module:
     return TinyNet()
 
 
+class TinyBlock(nn.Module):
+    """A pre-norm transformer-like block: a gated mixing with q/v projections, then an MLP."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.v_proj(h) * torch.sigmoid(self.q_proj(h))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyStack(nn.Module):
+    """Four identical blocks between an input projection and a head: a model whose layers can be tied."""
+
+    def __init__(self, dim: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim)
+        self.layers = nn.ModuleList(TinyBlock(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj_in(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def tiny_stack() -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyStack()
+    with torch.no_grad():  # norms that differ from layer to layer, as after training
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape))
+    return model
+
+
+STACK_LAYERS = [f"layers.{i}" for i in range(4)]
+
+
 def token_input() -> torch.Tensor:
     return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
 
@@ -104,6 +148,11 @@ CASES: dict[str, Case] = {
     "lorid": Case({"role": "deep_reasoner", "rank": 4, "alpha": 8.0, "dropout": 0.0}),
     # Speech mode needs the audio features: the inputs carry them, so the adapter acts.
     "granite-speech": Case({"rank": 4, "alpha": 8.0}, model=tiny_speech_net, inputs=speech_input),
+    "explora": Case({"rank": 2, "unfrozen_blocks": [-1]}, model=tiny_stack, targets=STACK_LAYERS),
+    "gs-lora": Case({"rank": 4, "lora_alpha": 2.0}),
+    "relaxed-recursive": Case({"loops": 2, "rank": 4}, model=tiny_stack, targets=STACK_LAYERS),
+    "mergevla": Case({"tasks": ["a", "b"], "router_k": 4}),
+    "markboard": Case({"bits": 3, "rank": 2}),
     "cbq": Case({"bits": 3, "rank": 2}),
     # NF3 in blocks of 16 with 4-bit scales; the 512-number weights end in a partial scale group.
     "lq-lora": Case({"rank": 4, "quant_format": "nf3-16-4-bf16-64", "num_iterations": 5}),

@@ -79,17 +79,7 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         for label in ("target_modules", "exclude_modules"):
-            value = getattr(self, label)
-            if isinstance(value, tuple):
-                value = list(value)
-                setattr(self, label, value)
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as exc:
-                    raise AdapterError(f"{label} {value!r} is not a valid regular expression ({exc})") from None
-            elif value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
-                raise AdapterError(f"{label} must be a list of module names or one regular expression")
+            setattr(self, label, check_module_pattern(label, getattr(self, label)))
         self.validate()
 
     def validate(self) -> None:
@@ -135,6 +125,20 @@ class AdapterConfig:
         if unknown:
             raise AdapterError(f"{cls.method} config has an unknown field {unknown[0]!r}")
         return cls(**data)
+
+
+def check_module_pattern(label: str, value: Any) -> list[str] | str | None:
+    """A field naming modules: a list of names (a tuple becomes a list), one regular expression, or None."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise AdapterError(f"{label} {value!r} is not a valid regular expression ({exc})") from None
+    elif value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+        raise AdapterError(f"{label} must be a list of module names or one regular expression")
+    return value
 
 
 def is_integer(value: object) -> bool:

@@ -1,4 +1,5 @@
-"""The Mix tab: the content of one package with the style of another, as one image, a before/after, or a grid.
+"""The Mix tab: the content of one package with the style of another, as one image, a before/after, or a grid;
+and several styles merged into one new package.
 
 The content slot loads the part the package mixes with (its recipe's composition: SplitFlux's content branch
 alone, as the paper mixes) unless another part is chosen; a recipe's optional parts (SplitFlux's boundary
@@ -13,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from pipelines.generation import AdapterChoice
+from pipelines.merge import MergeOptions, parse_weights
 from pipelines.recipes import all_recipes
 from studio.gpu import gpu
 from studio.mixing import (
@@ -210,6 +212,8 @@ def build(studio: Studio) -> MixTab:
         save_output(workspace, image, parameters(prompt, content_choice, style_choice, values, grid=[rows, cols]))
         return gr.Image(value=image, visible=True), recent_outputs(workspace)
 
+    merge_section(studio)
+
     @handler
     def show_results(workspace_id):
         return recent_outputs(studio.workspace_of(workspace_id))
@@ -219,3 +223,41 @@ def build(studio: Studio) -> MixTab:
     grid.click(scale_grid, [ws, content, style, prompt, content_scales_box, style_scales_box] + settings + parts,
                [grid_image, results], api_name="grid", show_progress_on=[compared], **GENERATE)
     return MixTab(outputs=[results], refresh=show_results)
+
+
+def merge_section(studio: Studio) -> None:
+    """Several style packages merged into one new package of the library (MergeVLA's masks, or a plain sum)."""
+    ws = studio.workspace
+    with gr.Accordion("Merge styles into a new package", open=False):
+        gr.Markdown("The styles of two or three packages of one base model and method, merged into one package "
+                    "that any diffusers pipeline loads. **Masked**: each style adds its weights only where its TALL "
+                    "mask (MergeVLA) says they carry that style, so weaker clashing updates drop out; **plain sum**: "
+                    "the styles' deltas added. The merged deltas are factored back into a LoRA by a truncated SVD (a plain sum "
+                    "at the default rank is exact).")
+        with gr.Row():
+            first = studio.package_picker("Style 1", "style", elem_id="merge-first")
+            second = studio.package_picker("Style 2", "style", partner=first, elem_id="merge-second")
+            third = studio.package_picker("Style 3 (optional)", "style", partner=first, elem_id="merge-third")
+        with gr.Row():
+            mode = gr.Radio([("Masked (MergeVLA)", "masked"), ("Plain sum", "sum")], value="masked", label="Mode")
+            mask_lambda = gr.Textbox(value="0.6", label="Mask lambda", max_length=12)
+            weights = gr.Textbox(label="Weights", placeholder="1 each, e.g. 1, 0.5", max_length=100)
+            rank = gr.Textbox(label="Rank", placeholder="the sum of the styles' ranks", max_length=8)
+            name = gr.Textbox(label="New package", placeholder="merged-style", max_length=64)
+        merge = gr.Button("Merge", elem_id="merge-run")
+        merged = gr.Markdown(elem_id="merge-result")
+
+    @handler
+    def merge_styles(workspace_id, first_name, second_name, third_name, chosen_mode, lam, weight_text, rank_text,
+                     new_name):
+        names = [n for n in (first_name, second_name, third_name) if n]
+        lam_value = optional_number(lam, "mask lambda", whole=False)
+        options = MergeOptions(mode=str(chosen_mode), mask_lambda=0.6 if lam_value is None else lam_value,
+                               weights=parse_weights(weight_text), rank=optional_number(rank_text, "rank"))
+        taken = studio.library(workspace_id).merge_styles(names, (new_name or "").strip() or None, options)
+        info = studio.library(workspace_id).open(taken).info
+        return (f"Merged {len(names)} styles into **{taken}** ({info['merge']['mode']}, rank {info['rank']}, "
+                f"{info['merge']['energy_kept_min']:.1%} of the merged delta kept in the worst layer).")
+
+    merge.click(merge_styles, [ws, first, second, third, mode, mask_lambda, weights, rank, name], [merged],
+                api_name="merge", concurrency_limit=2, concurrency_id="merge", show_progress_on=[merged])

@@ -1,4 +1,5 @@
-"""The Share tab: download a package as a zip, or push it to the Hugging Face Hub with a one-push token.
+"""The Share tab: download a package as a zip, or push it to the Hugging Face Hub with a one-push token; sign a
+package with its owner's MarkBoard signature, or read a package's signature back.
 
 A package trained with a DyLoRA or SoRA adapter gets a rank control: its zip holds the package at the rank
 chosen there, as an ordinary package of that size.
@@ -12,6 +13,7 @@ import zipfile
 
 import gradio as gr
 
+from pipelines.watermark import parse_bits
 from studio.hub import push_package
 from studio.ui.common import Studio, format_size, handler
 
@@ -42,6 +44,8 @@ def build(studio: Studio) -> None:
             )
             push = gr.Button("Push", variant="primary", elem_id="share-push")
             pushed = gr.Markdown(elem_id="share-pushed")
+
+    sign_section(studio, package)
 
     @handler
     def choose_package(workspace_id, name):
@@ -85,3 +89,37 @@ def build(studio: Studio) -> None:
                          concurrency_limit=2, concurrency_id="push")
     for outcome in (pushing.success, pushing.failure):
         outcome(lambda: "", None, [token], api_visibility="private", **cheap)
+
+
+def sign_section(studio: Studio, package: gr.Dropdown) -> None:
+    """Sign a copy of the chosen package with a bit signature, or verify the chosen package's signature."""
+    ws = studio.workspace
+    with gr.Accordion("Sign with a MarkBoard signature", open=False):
+        gr.Markdown("Writes your signature (up to 64 bits) into a copy of the package as extra LoRA branches, one "
+                    "per bit, read back by querying its layers: it survives the zip, the Hub and the kohya files, "
+                    "and the copy loads in diffusers as before. Signing a signed package swaps its branches for the "
+                    "new signature. With a key, only its holder can read or change the signature.")
+        with gr.Row():
+            signature = gr.Textbox(label="Signature", placeholder="10110010", max_length=80, elem_id="sign-bits")
+            key = gr.Textbox(label="Key (optional)", type="password", max_length=256, elem_id="sign-key",
+                             placeholder="never stored; needed again to verify")
+            copy_name = gr.Textbox(label="Signed copy", placeholder="<package>-signed", max_length=64)
+        with gr.Row():
+            sign = gr.Button("Sign a copy", elem_id="sign-run")
+            verify = gr.Button("Verify", elem_id="sign-verify")
+        signed = gr.Markdown(elem_id="sign-result")
+
+    @handler
+    def sign_copy(workspace_id, name, bits, secret, new_name):
+        taken = studio.library(workspace_id).sign(name, bits or "", secret or "", (new_name or "").strip() or None)
+        return f"Signed copy **{taken}** written with {len(parse_bits(bits or ''))} bits."
+
+    @handler
+    def verify_signature(workspace_id, name, secret):
+        result = studio.library(workspace_id).verify(name, secret or "")
+        return f"**{name}** carries the signature `{result.text}` ({len(result.bits)} bits)."
+
+    sign.click(sign_copy, [ws, package, signature, key, copy_name], [signed], api_name="sign", concurrency_limit=2,
+               concurrency_id="sign", show_progress_on=[signed])
+    verify.click(verify_signature, [ws, package, key], [signed], api_name="verify", concurrency_limit=2,
+                 concurrency_id="sign", show_progress_on=[signed])

@@ -257,7 +257,7 @@ def build(studio: Studio) -> TrainTab:
         cancel = gr.Button("Cancel", variant="stop", visible=False, scale=1, elem_id="train-cancel")
         resume = gr.Button("Resume", variant="primary", visible=False, scale=1, elem_id="train-resume")
         discard = gr.Button("Discard", visible=False, scale=1)
-    status = gr.HTML(render_status(None, None, studio.jobs.facts().summary()), elem_id="train-status")
+    status = gr.HTML(render_status(None, None), elem_id="train-status")
     with gr.Row():
         loss_plot = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Training loss", height=260,
                                 scale=3, buttons=["fullscreen", "export"])

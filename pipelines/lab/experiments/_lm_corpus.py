@@ -24,6 +24,10 @@ class Corpus:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def take(self, index: Any) -> Corpus:
+        """The sequences at `index` (for the lab's `fit`, which draws minibatches this way)."""
+        return Corpus(self.input_ids[index], self.attention_mask[index])
+
     def batches(self, size: int) -> list[dict[str, torch.Tensor]]:
         """Consecutive batches of `size` sequences, as keyword arguments of a transformers model."""
         return [{"input_ids": self.input_ids[i:i + size], "attention_mask": self.attention_mask[i:i + size]}
@@ -52,6 +56,12 @@ def corpus(split: str, count: int, seed: int = 0, tokenizer: Any = None) -> Corp
 def _pairs(name: str, split: str, n: int, seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     task = lm_task(name, split, n=n, min_len=2, max_len=6, seed=seed)
     return task.prompts, task.answers
+
+
+def next_token_loss(model: nn.Module, batch: Corpus) -> torch.Tensor:
+    """The causal LM's mean next-token cross-entropy over the real tokens of `batch` (a training loss)."""
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
 
 
 @torch.no_grad()

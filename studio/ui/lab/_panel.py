@@ -220,7 +220,7 @@ def build(studio: Studio, experiment, tab: gr.Tab | None = None) -> LabPanel:
                 run = gr.Button("Run", variant="primary", interactive=available, elem_id=f"lab-{key}-run")
                 cancel = gr.Button("Cancel", variant="stop", visible=False, elem_id=f"lab-{key}-cancel")
         with gr.Column(scale=3):
-            status = gr.HTML(render_status(None, None, studio.jobs.facts().summary()), elem_id=f"lab-{key}-status")
+            status = gr.HTML(render_status(None, None), elem_id=f"lab-{key}-status")
             summary = gr.Markdown(visible=False)
             images = []
             for start in range(0, MAX_FIGURES, 2):
