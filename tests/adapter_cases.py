@@ -85,6 +85,29 @@ def token_input() -> torch.Tensor:
     return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
 
 
+class TinySpeechNet(TinyNet):
+    """TinyNet whose forward also takes audio features (a speech LLM's shape): the speech adapter's switch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio_proj = nn.Linear(4, 16)
+
+    def forward(self, x: torch.Tensor, input_features: torch.Tensor | None = None) -> torch.Tensor:
+        if input_features is not None:
+            x = x + self.audio_proj(input_features)
+        return super().forward(x)
+
+
+def tiny_speech_net() -> nn.Module:
+    torch.manual_seed(0)
+    return TinySpeechNet()
+
+
+def speech_input() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {"x": torch.randn(2, 5, 16, generator=generator), "input_features": torch.randn(2, 5, 4, generator=generator)}
+
+
 def tiny_llama() -> nn.Module:
     """A random two-layer Llama (hidden 16, SwiGLU MLP), for methods that need a transformers model."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -122,6 +145,9 @@ CASES: dict[str, Case] = {
     # 16 and 32 input features cut into 3 chunks: the last chunk is zero-padded.
     "block-lora": Case({"rank": 3, "num_blocks": 3}),
     "miss": Case({"rank": 4}),
+    "lorid": Case({"role": "deep_reasoner", "rank": 4, "alpha": 8.0, "dropout": 0.0}),
+    # Speech mode needs the audio features: the inputs carry them, so the adapter acts.
+    "granite-speech": Case({"rank": 4, "alpha": 8.0}, model=tiny_speech_net, inputs=speech_input),
     "explora": Case({"rank": 2, "unfrozen_blocks": [-1]}, model=tiny_stack, targets=STACK_LAYERS),
     "gs-lora": Case({"rank": 4, "lora_alpha": 2.0}),
     "relaxed-recursive": Case({"loops": 2, "rank": 4}, model=tiny_stack, targets=STACK_LAYERS),

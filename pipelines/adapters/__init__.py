@@ -53,6 +53,7 @@ from pipelines.adapters.explora import (
     ema_update,
     update_center,
 )
+from pipelines.adapters.granite_speech import SpeechLoRAConfig, SpeechLoRALinear, forced_mode
 from pipelines.adapters.gs_lora import (
     GSLoRAConfig,
     GSLoRALinear,
@@ -68,6 +69,16 @@ from pipelines.adapters.gs_lora import (
     proximal_group_step,
 )
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
+from pipelines.adapters.lorid import (
+    LoRIDConfig,
+    LoRIDLinear,
+    LoRIDOutcome,
+    LoRIDPrompts,
+    consistency_loop,
+    loop_accuracy,
+    lorid_adapters,
+    lorid_solve,
+)
 from pipelines.adapters.lq_lora import (
     LQLoRAConfig,
     LQLoRALinear,
@@ -155,6 +166,10 @@ __all__ = [
     "GSLoRALinear",
     "LoRAConfig",
     "LoRALinear",
+    "LoRIDConfig",
+    "LoRIDLinear",
+    "LoRIDOutcome",
+    "LoRIDPrompts",
     "LQLoRAConfig",
     "LQLoRALinear",
     "METHODS",
@@ -171,6 +186,8 @@ __all__ = [
     "QuantFormat",
     "RankConstrainedConfig",
     "RankConstrainedLinear",
+    "SpeechLoRAConfig",
+    "SpeechLoRALinear",
     "RelaxedRecursiveConfig",
     "RelaxedRecursiveLayer",
     "SMoRAConfig",
@@ -195,11 +212,13 @@ __all__ = [
     "check_forget_classes",
     "class_prototypes",
     "complementary_loss",
+    "consistency_loop",
     "count_parameters",
     "decode_signature",
     "deobfuscate",
     "dino_loss",
     "disabled",
+    "forced_mode",
     "ema_update",
     "export_pruned",
     "export_rank",
@@ -218,6 +237,9 @@ __all__ = [
     "live_ranks",
     "load_adapter",
     "load_adapter_state_dict",
+    "loop_accuracy",
+    "lorid_adapters",
+    "lorid_solve",
     "lora_groups",
     "lq_decompose",
     "lq_lora_report",
