@@ -381,17 +381,25 @@ class Library:
         With a `rank` other than the package's own (a DyLoRA or SoRA package), the zip holds the package
         exported at that rank as `<name>-r<rank>`: an ordinary package of that size.
         """
+        with self.at_rank(name, rank) as folder:
+            return self._zip(folder, folder.name)
+
+    @contextlib.contextmanager
+    def at_rank(self, name: str, rank: int | float | None = None) -> Iterator[Path]:
+        """The package's folder, or with a `rank` other than its own (a DyLoRA or SoRA package) a staged export at
+        that rank named `<name>-r<rank>`, removed again afterwards: what a download or a Hub push sends."""
         folder = self.path(name)
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | float)
                                  or not math.isfinite(rank) or rank != int(rank)):
             raise LibraryError(f"rank must be a whole number, not {rank!r}")
         if rank is None or rank == 0 or rank == self.open(name).info.get("rank"):
-            return self._zip(folder, folder.name)
+            yield folder
+            return
         bare = f"{folder.name[:56]}-r{int(rank)}"
         staging = Path(tempfile.mkdtemp(prefix=".rank-", dir=self.workspace.exports))
         try:
             export_package(folder, int(rank), staging / bare)
-            return self._zip(staging / bare, bare)
+            yield staging / bare
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -83,3 +83,23 @@ def test_share_offers_no_rank_control_for_a_plain_or_an_exported_package(cat_pac
     with pytest.raises(ValueError, match="plain LoRA package"):
         library.export_zip("cat", rank=2)
     assert library.export_zip("cat").name == "cat.zip"  # without a rank: the package as it is
+
+
+def test_a_push_sends_the_package_at_the_rank_chosen_in_share(studio_server, monkeypatch):
+    """The rank control applies to the Hub push as to the zip; the library keeps only the trained package."""
+    import huggingface_hub.constants
+    from safetensors.torch import load
+
+    from tests.hub_standin import HUB_TOKEN
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the stand-in on 127.0.0.1 only
+    client, workspace = studio_server.session()
+    assert _train(client, workspace, "cat-sm", "dylora")["status"] == "done"
+    client.predict(workspace, "cat-sm", "alice/cat-r2", True, HUB_TOKEN, 2, api_name="/push")
+    files = studio_server.hub.repos["alice/cat-r2"]["files"]
+    assert json.loads(files["adapter.json"])["rank"] == 2 and "dylora.safetensors" not in files
+    weights = load(files["pytorch_lora_weights.safetensors"])
+    assert {t.shape[0] for k, t in weights.items() if k.endswith("lora.down.weight")} == {2}
+    client.predict(workspace, "cat-sm", "alice/cat-whole", True, HUB_TOKEN, api_name="/push")  # no rank: as it is
+    assert "dylora.safetensors" in studio_server.hub.repos["alice/cat-whole"]["files"]
+    assert {p.name for p in studio_server.studio.workspace_of(workspace).packages.iterdir()} == {"cat-sm"}

@@ -1,8 +1,8 @@
 """The Share tab: download a package as a zip, or push it to the Hugging Face Hub with a one-push token; sign a
 package with its owner's MarkBoard signature, or read a package's signature back.
 
-A package trained with a DyLoRA or SoRA adapter gets a rank control: its zip holds the package at the rank
-chosen there, as an ordinary package of that size.
+A package trained with a DyLoRA or SoRA adapter gets a rank control: its zip and its Hub push hold the package at
+the rank chosen there, as an ordinary package of that size.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def build(studio: Studio) -> None:
             kind = studio.library(workspace_id).open(name).info["adapter"]["type"]
             rank_control = gr.Slider(
                 minimum=low, maximum=high, value=current, visible=True,
-                info=f"Trained with {'DyLoRA' if kind == 'dylora' else 'SoRA'}: the zip holds the package at "
-                     f"this rank ({low}–{high}); smaller is a smaller file.")
+                info=f"Trained with {'DyLoRA' if kind == 'dylora' else 'SoRA'}: the zip and the Hub push hold "
+                     f"the package at this rank ({low}–{high}); smaller is a smaller file.")
         return gr.DownloadButton(visible=False), "", rank_control
 
     @handler
@@ -72,10 +72,11 @@ def build(studio: Studio) -> None:
                                   visible=True), table)
 
     @handler
-    def push_to_hub(workspace_id, name, repo_id, make_private, typed_token):
-        folder = studio.library(workspace_id).path(name)
-        result = push_package(folder, repo_id, token=typed_token or None, private=bool(make_private),
-                              endpoint=studio.hub_endpoint)
+    def push_to_hub(workspace_id, name, repo_id, make_private, typed_token, chosen_rank=None):
+        # The rank control applies to the push as to the zip: a DyLoRA or SoRA package goes up at the chosen rank.
+        with studio.library(workspace_id).at_rank(name, chosen_rank or None) as folder:
+            result = push_package(folder, repo_id, token=typed_token or None, private=bool(make_private),
+                                  endpoint=studio.hub_endpoint)
         url = html.escape(result.repo_url)
         return f"Pushed {result.files} files to <a href='{url}' target='_blank'>{url}</a>."
 
@@ -85,7 +86,7 @@ def build(studio: Studio) -> None:
                   concurrency_id="export", show_progress_on=[contents])
     # The token box is emptied after every push, successful or not, so it never lingers in the page
     # (`.then` does not run after a failed event, so both outcomes are listened to).
-    pushing = push.click(push_to_hub, [ws, package, repo, private, token], [pushed], api_name="push",
+    pushing = push.click(push_to_hub, [ws, package, repo, private, token, rank], [pushed], api_name="push",
                          concurrency_limit=2, concurrency_id="push")
     for outcome in (pushing.success, pushing.failure):
         outcome(lambda: "", None, [token], api_visibility="private", **cheap)
