@@ -26,6 +26,7 @@ from pipelines.adapters import (
     lora_groups,
     prototype_distance,
     proximal_group_step,
+    zero_groups,
 )
 from pipelines.adapters.gs_lora import block_of
 from tests.adapter_cases import tiny_net, token_input
@@ -134,6 +135,20 @@ def test_the_adam_proximal_step_thresholds_each_group_in_adams_step_size():
     assert group_norms(model, "gs")["blocks.0"] == pytest.approx(norms["blocks.0"] - thresholds["blocks.0"],
                                                                   rel=1e-4)
     assert proximal.step(0.0) == []  # no group lasso during the warm-up
+
+
+def test_zero_groups_lists_only_groups_whose_every_entry_is_zero():
+    model = _model()
+    groups = lora_groups(model, "gs")
+    assert zero_groups(model, "gs") == []
+    with torch.no_grad():
+        groups["blocks.0"][1].zero_()  # one B zero: the block is unchanged, but its group is not zero
+        for p in groups["blocks.1"]:
+            p.zero_()
+    assert zero_groups(model, "gs") == ["blocks.1"]
+    with torch.no_grad():
+        groups["blocks.1"][0][0, 0] = 1e-30
+    assert zero_groups(model, "gs") == []
 
 
 def test_the_group_lasso_weight_warms_up():
