@@ -5,16 +5,16 @@ digit classifier (the "pre-trained model" of the paper). Then a sequence of forg
 GS-LoRA adapter on the feed-forward layers of every block (the adapters of earlier tasks stay on, frozen, as the
 official code merges them) and trains it with GS-LoRA's loss: cross-entropy on the classes still to be kept,
 the bounded hinge pushing the task's classes up to BND, and the group lasso over the blocks (a proximal step or a
-loss term), switched on after a warm-up. GS-LoRA++ (`prototypes`) adds the prototype hinge on the forgotten samples' features. After each task
-the test accuracy is measured on the classes forgotten so far and on the rest, and each block's group norm is
+loss term), switched on after a warm-up. GS-LoRA++ (`prototypes`) adds the prototype hinge on the forgotten
+samples' features. After each task the test accuracy is measured on the classes forgotten so far and on the rest, and each block's group norm is
 recorded with the groups that ended exactly zero: the blocks that task did not change.
 
 Lab choices (the papers' loss scales belong to a CosFace head of scale 64 on face identities): a plain softmax
 head, BND 4 (above the cross-entropy of a uniform guess over 10 classes, ln 10 = 2.3), beta 0.5, the group lasso
 weight and warm-up counted in steps, AdamW at 1e-2 for the forgetting tasks (the LoRA update is scaled by 1/r,
 so a smaller rate barely moves it in a few dozen steps). With AdamW the official group lasso in the loss only
-shrinks the groups a task does not need, never to zero, so the lab's default `sparsity="proximal"` takes the group lasso as a
-proximal step in Adam's step size after each AdamW step (`AdamGroupProximal`: block soft-thresholding of each
+shrinks the groups a task does not need, never to zero, so the lab's default `sparsity="proximal"` takes the
+group lasso as a proximal step in Adam's step size after each AdamW step (`AdamGroupProximal`: block soft-thresholding of each
 group by lr * alpha / sqrt(v_hat_g)); groups the task does not use go to exactly zero, every entry of their A
 and B, and the heat map hatches them. The group lasso weight sets how many: alpha 0.03 zeroes one to three of
 the four blocks in most tasks (seeds 0 to 2, default and quick settings); too large a weight zeroes every group,
@@ -75,7 +75,8 @@ class GSLoRASettings(LabSettings):
                 "loss term (official 'penalty': groups only shrink)",
         "label": "Group sparsity", "choices": SPARSITY})
     alpha: float = field(default=0.03, metadata={
-        "help": "group lasso weight after the warm-up (the proximal threshold is lr * alpha / sqrt(v) per group)", "label": "Group lasso weight", "min": 0.0, "max": 1000.0})
+        "help": "group lasso weight after the warm-up (the proximal threshold is lr * alpha / sqrt(v) per group)",
+        "label": "Group lasso weight", "min": 0.0, "max": 1000.0})
     warmup_steps: int = field(default=20, metadata={
         "help": "steps of each task without the group lasso (official: 20 epochs)", "label": "Warm-up steps",
         "min": 0, "max": 5000})
