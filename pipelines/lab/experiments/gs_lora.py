@@ -6,16 +6,17 @@ GS-LoRA adapter on the feed-forward layers of every block (the adapters of earli
 official code merges them) and trains it with GS-LoRA's loss: cross-entropy on the classes still to be kept,
 the bounded hinge pushing the task's classes up to BND, and the group lasso over the blocks (a proximal step or a
 loss term), switched on after a warm-up. GS-LoRA++ (`prototypes`) adds the prototype hinge on the forgotten
-samples' features. After each task the test accuracy is measured on the classes forgotten so far and on the rest, and each block's group norm is
-recorded with the groups that ended exactly zero: the blocks that task did not change.
+samples' features. After each task the test accuracy is measured on the classes forgotten so far and on the
+rest, and each block's group norm is recorded with the groups that ended exactly zero: the blocks that task did
+not change.
 
 Lab choices (the papers' loss scales belong to a CosFace head of scale 64 on face identities): a plain softmax
 head, BND 4 (above the cross-entropy of a uniform guess over 10 classes, ln 10 = 2.3), beta 0.5, the group lasso
 weight and warm-up counted in steps, AdamW at 1e-2 for the forgetting tasks (the LoRA update is scaled by 1/r,
 so a smaller rate barely moves it in a few dozen steps). With AdamW the official group lasso in the loss only
 shrinks the groups a task does not need, never to zero, so the lab's default `sparsity="proximal"` takes the
-group lasso as a proximal step in Adam's step size after each AdamW step (`AdamGroupProximal`: block soft-thresholding of each
-group by lr * alpha / sqrt(v_hat_g)); groups the task does not use go to exactly zero, every entry of their A
+group lasso as a proximal step in Adam's step size after each AdamW step (`AdamGroupProximal`: block
+soft-thresholding of each group by lr * alpha / sqrt(v_hat_g)); groups the task does not use go to exactly zero, every entry of their A
 and B, and the heat map hatches them. The group lasso weight sets how many: alpha 0.03 zeroes one to three of
 the four blocks in most tasks (seeds 0 to 2, default and quick settings); too large a weight zeroes every group,
 and a task whose groups are all zero forgets nothing (a zero LoRA has no gradient), so raise it with care.
