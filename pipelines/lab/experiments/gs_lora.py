@@ -19,10 +19,10 @@ group lasso as a proximal step in Adam's step size after each AdamW step (`AdamG
 soft-thresholding of each group by lr * alpha / sqrt(v_hat_g)); groups the task does not use go to exactly
 zero, every entry of their A and B, and the heat map hatches them. The group lasso weight sets how many:
 alpha 0.03 zeroes one to three of the four blocks in most tasks (seeds 0 to 2, default and quick settings); too
-large a weight zeroes every group, and a task whose groups are all zero forgets nothing (a zero LoRA has no gradient), so raise it with care.
-`sparsity="penalty"` runs the official loss term. The remaining batch is drawn from the classes still kept (the
-official replay of a few remaining samples); earlier tasks' forgotten classes are not replayed, as in the
-official code.
+large a weight zeroes every group, and a task whose groups are all zero forgets nothing (a zero LoRA has no
+gradient), so raise it with care. `sparsity="penalty"` runs the official loss term. The remaining batch is drawn
+from the classes still kept (the official replay of a few remaining samples); earlier tasks' forgotten classes
+are not replayed, as in the official code.
 """
 
 from __future__ import annotations
