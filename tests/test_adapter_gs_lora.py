@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.adapters import (
+    AdamGroupProximal,
     AdapterError,
     GSLoRAConfig,
     GSLoRALinear,
@@ -25,6 +26,7 @@ from pipelines.adapters import (
     lora_groups,
     prototype_distance,
     proximal_group_step,
+    zero_groups,
 )
 from pipelines.adapters.gs_lora import block_of
 from tests.adapter_cases import tiny_net, token_input
@@ -104,6 +106,49 @@ def test_the_proximal_step_zeroes_groups_under_the_threshold_and_shrinks_the_res
         assert torch.equal(model.blocks[1]["fc1"](x[..., :16]), model.blocks[1]["fc1"].base_layer(x[..., :16]))
     with pytest.raises(AdapterError, match="threshold"):
         proximal_group_step(model, "gs", float("nan"))
+
+
+def test_the_adam_proximal_step_thresholds_each_group_in_adams_step_size():
+    model = _model()
+    groups = lora_groups(model, "gs")
+    with torch.no_grad():
+        for p in groups["blocks.1"]:
+            p.mul_(0.01)
+    params = [p for ps in groups.values() for p in ps]
+    optimizer = torch.optim.AdamW(params, lr=0.01, weight_decay=0.0)
+    proximal = AdamGroupProximal(model, "gs", learning_rate=0.01)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):  # blocks.0 gets gradients 100 times larger than blocks.1
+        for group, ps in groups.items():
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=generator) * (1.0 if group == "blocks.0" else 0.01)
+        optimizer.step()
+        norms = group_norms(model, "gs")
+        zero = proximal.step(0.5)
+        thresholds = proximal.thresholds(0.5)  # the ones this step used
+    for group, ps in groups.items():  # the group's mean bias-corrected second moment, as AdamW holds it
+        v = torch.cat([optimizer.state[p]["exp_avg_sq"].flatten() for p in ps]).mean() / (1 - 0.999 ** 3)
+        assert thresholds[group] == pytest.approx(0.01 * 0.5 / (float(v.sqrt()) + 1e-8), rel=1e-4)
+    assert thresholds["blocks.1"] > 50 * thresholds["blocks.0"]
+    assert zero == ["blocks.1"] and norms["blocks.1"] < thresholds["blocks.1"] < norms["blocks.0"]
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in groups["blocks.1"])
+    assert group_norms(model, "gs")["blocks.0"] == pytest.approx(norms["blocks.0"] - thresholds["blocks.0"],
+                                                                  rel=1e-4)
+    assert proximal.step(0.0) == []  # no group lasso during the warm-up
+
+
+def test_zero_groups_lists_only_groups_whose_every_entry_is_zero():
+    model = _model()
+    groups = lora_groups(model, "gs")
+    assert zero_groups(model, "gs") == []
+    with torch.no_grad():
+        groups["blocks.0"][1].zero_()  # one B zero: the block is unchanged, but its group is not zero
+        for p in groups["blocks.1"]:
+            p.zero_()
+    assert zero_groups(model, "gs") == ["blocks.1"]
+    with torch.no_grad():
+        groups["blocks.1"][0][0, 0] = 1e-30
+    assert zero_groups(model, "gs") == []
 
 
 def test_the_group_lasso_weight_warms_up():

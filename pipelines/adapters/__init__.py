@@ -55,6 +55,7 @@ from pipelines.adapters.explora import (
 )
 from pipelines.adapters.granite_speech import SpeechLoRAConfig, SpeechLoRALinear, forced_mode
 from pipelines.adapters.gs_lora import (
+    AdamGroupProximal,
     GSLoRAConfig,
     GSLoRALinear,
     bounded_forget_loss,
@@ -67,6 +68,7 @@ from pipelines.adapters.gs_lora import (
     lora_groups,
     prototype_distance,
     proximal_group_step,
+    zero_groups,
 )
 from pipelines.adapters.lora import LoRAConfig, LoRALinear
 from pipelines.adapters.lorid import (
@@ -148,6 +150,7 @@ from pipelines.adapters.visual_gated import (
 from pipelines.adapters.xlora import XLoRAConfig, XLoRALinear, xlora_experts, xlora_scalings
 
 __all__ = [
+    "AdamGroupProximal",
     "AdapterConfig",
     "AdapterError",
     "AdapterLayer",
@@ -286,4 +289,5 @@ __all__ = [
     "visual_gate",
     "xlora_experts",
     "xlora_scalings",
+    "zero_groups",
 ]

@@ -19,19 +19,24 @@ Defaults follow the official code: rank 8 with loralib's lora_alpha 1 (the updat
 Kaiming-uniform (a = sqrt(5)) and B zero (a new adapter changes nothing); AdamW with weight decay 0.05. The
 group-lasso weight has a warm-up: 0 for the first `alpha_epoch` epochs, then `big_alpha` (`--warmup_alpha`,
 alpha_epoch 20). The official code adds the group lasso to the loss and lets the optimiser take it with the
-rest (a plain penalty, `group_lasso`); groups shrink towards zero but are not set to exactly zero.
-`proximal_group_step` is the proximal alternative (block soft-thresholding after each optimiser step,
-theta_g <- theta_g * max(0, 1 - lr * alpha / ||theta_g||)), which zeroes a group exactly once its norm falls
-under lr * alpha. In continual forgetting the official code merges each task's LoRA into the weights and
-re-initialises it for the next task; here each task adds a new named adapter and the previous ones stay active
-and frozen, which computes the same and keeps the original model reachable (`disabled()`, `remove_adapter`).
+rest (a plain penalty, `group_lasso`), and reports each group's norm after a task (`get_norm_of_lora`, logged as
+is, with no threshold): under Adam the groups a task does not need shrink towards zero but never reach it.
+`proximal_group_step` is the proximal alternative (block soft-thresholding, the exact proximal operator of
+alpha * sum_g ||theta_g||), which zeroes a group exactly once its norm falls under the threshold. After a plain
+gradient step the threshold is lr * alpha; Adam's step is lr / sqrt(v) per entry, so lr * alpha is far too
+small to zero anything after an Adam step, and `AdamGroupProximal` thresholds each group in Adam's step size
+instead (lr * alpha / sqrt(v_hat_g), the preconditioned proximal step). In continual forgetting the official code
+merges each task's LoRA into the weights and re-initialises it for the next task; here each task adds a new
+named adapter and the previous ones stay active and frozen, which computes the same and keeps the original
+model reachable (`disabled()`, `remove_adapter`).
 
 Choices the papers leave open, each a setting or an argument:
 - `grouping`: "block" (official default: all LoRA modules of one transformer block), "module" (each LoRA a
   group) or "matrix" (each A and B), as the official `get_norm_of_lora` offers. A block is the part of a module's
   name up to its last number (`encoder.layer.3` for `encoder.layer.3.mlp.fc1`); a name without a number is its
   own group.
-- `sparsity` of the training loop: "penalty" (official) or "proximal" (`proximal_group_step`).
+- `sparsity` of the training loop: "penalty" (official) or "proximal" (`AdamGroupProximal` after each AdamW
+  step, the group lasso left out of the loss), which zeroes whole groups exactly; the lab uses "proximal".
 - The loss weights (beta, BND, the prototype weights and BND_pro) depend on the classifier's loss scale: the
   official values (beta 0.15, BND 105-110 with a CosFace head of scale 64) do not carry over to a plain
   softmax head, so `forgetting_loss` takes them as arguments and the lab experiment chooses its own.
@@ -41,7 +46,7 @@ Choices the papers leave open, each a setting or an argument:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -138,22 +143,76 @@ def group_norms(model: nn.Module, name: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def proximal_group_step(model: nn.Module, name: str, threshold: float) -> list[str]:
-    """Block soft-thresholding, the proximal operator of `threshold * sum_g ||theta_g||`: each group is scaled by
-    max(0, 1 - threshold / ||theta_g||), so groups with a norm at or under `threshold` become exactly zero.
-    Call it after each optimiser step with threshold = learning rate * alpha. Returns the groups now zero."""
+def zero_groups(model: nn.Module, name: str) -> list[str]:
+    """The groups of adapter `name` whose every entry (each A and B) is exactly zero: blocks it leaves as they
+    were, whatever the rest of the model does."""
+    return [group for group, params in lora_groups(model, name).items()
+            if all(not bool(p.any()) for p in params)]
+
+
+def _check_threshold(threshold: object) -> float:
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)
             and threshold >= 0):
         raise AdapterError(f"the proximal threshold must be a finite number of at least 0, not {threshold!r}")
+    return float(threshold)
+
+
+@torch.no_grad()
+def proximal_group_step(model: nn.Module, name: str, threshold: float | Mapping[str, float]) -> list[str]:
+    """Block soft-thresholding, the proximal operator of `threshold * sum_g ||theta_g||`: each group is scaled by
+    max(0, 1 - threshold / ||theta_g||), so groups with a norm at or under `threshold` become exactly zero.
+    `threshold` is one number for every group or {group: threshold}. After a plain gradient step the exact
+    proximal step takes threshold = learning rate * alpha; after an Adam step see `AdamGroupProximal`.
+    Returns the groups now zero."""
+    groups = lora_groups(model, name)
+    thresholds = ({group: _check_threshold(threshold[group]) for group in groups}
+                  if isinstance(threshold, Mapping) else dict.fromkeys(groups, _check_threshold(threshold)))
     zero = []
-    for group, params in lora_groups(model, name).items():
+    for group, params in groups.items():
         norm = float(_norm(params))
-        factor = max(0.0, 1.0 - threshold / norm) if norm > 0 else 0.0
+        factor = max(0.0, 1.0 - thresholds[group] / norm) if norm > 0 else 0.0
         for p in params:
             p.mul_(factor)
         if factor == 0.0:
             zero.append(group)
     return zero
+
+
+class AdamGroupProximal:
+    """The group lasso as a proximal step after each Adam(W) step, in Adam's own step size.
+
+    Adam divides each gradient by the root of its running second moment v, so its effective learning rate is
+    lr / sqrt(v), not lr; the proximal step of alpha * sum_g ||theta_g|| then takes a threshold of
+    lr * alpha / sqrt(v) (proximal Adam: the preconditioned proximal gradient method, as ProxGen, Yun et al.,
+    NeurIPS 2021). Block soft-thresholding has a closed form only for one step size per group, so each group
+    takes lr * alpha / (sqrt(mean_g v_hat) + eps), its gradients' bias-corrected root mean square: a group the
+    data term barely needs has small gradients and so a large threshold, and goes to exactly zero, while a
+    group it needs keeps a small one. Call `step(alpha)` after each optimiser step, while the gradients of that
+    step are still on the parameters (the same clipped gradients Adam used); the second moment is tracked here
+    with Adam's beta2 and eps, so it matches the optimiser's. Returns the groups now zero."""
+
+    def __init__(self, model: nn.Module, name: str, learning_rate: float, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        self.model, self.name = model, name
+        self.learning_rate, self.beta2, self.eps = learning_rate, beta2, eps
+        self.second_moment = dict.fromkeys(lora_groups(model, name), 0.0)
+        self.steps = 0
+
+    @torch.no_grad()
+    def thresholds(self, alpha: float) -> dict[str, float]:
+        """{group: lr * alpha / (sqrt(v_hat_g) + eps)} with the second moments seen so far."""
+        correction = 1.0 - self.beta2 ** max(self.steps, 1)
+        return {group: self.learning_rate * alpha / (math.sqrt(v / correction) + self.eps)
+                for group, v in self.second_moment.items()}
+
+    @torch.no_grad()
+    def step(self, alpha: float) -> list[str]:
+        self.steps += 1
+        for group, params in lora_groups(self.model, self.name).items():
+            grads = [p.grad for p in params if p.grad is not None]
+            square = float(sum(g.float().pow(2).sum() for g in grads) / sum(p.numel() for p in params))
+            self.second_moment[group] = self.beta2 * self.second_moment[group] + (1 - self.beta2) * square
+        return proximal_group_step(self.model, self.name, self.thresholds(alpha)) if alpha else []
 
 
 def group_lasso_weight(epoch: int, big_alpha: float, alpha_epoch: int = 20) -> float:
