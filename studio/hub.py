@@ -57,6 +57,22 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def _refused(exc: BaseException, repo_id: str) -> str | None:
+    """What a refusal by the Hub means for the person pushing (a bad token, a repository they may not write to),
+    in words; None for other errors."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    response = getattr(exc, "response", None) if isinstance(exc, HfHubHTTPError) else None
+    status = getattr(response, "status_code", None)
+    if status == 401:
+        return ("the Hub refused the token (401 Unauthorized): use a write token from "
+                "https://huggingface.co/settings/tokens, or set HF_TOKEN on the server")
+    if status == 403:
+        return (f"the token may not write to {repo_id} (403 Forbidden): push to a repository under your own name or "
+                "an organisation the token can write to, or use a token with write access")
+    return None
+
+
 def _unreachable(exc: BaseException, endpoint: str) -> str | None:
     """Why the Hub could not be asked at all (offline mode, no network, no such host, a timeout), in words; None
     when the Hub answered (an HTTP error such as 401 says what the Hub said)."""
@@ -99,7 +115,7 @@ def push_package(folder: str | Path, repo_id: str, *, token: str | None = None, 
             commit_message=f"Upload {folder.name} adapter package from Block Studio",
         )
     except Exception as exc:
-        reason = _unreachable(exc, api.endpoint)
+        reason = _unreachable(exc, api.endpoint) or _refused(exc, repo_id)
         if reason:
             raise HubError(f"push to {repo_id} failed: {reason}") from None
         # Errors from the HTTP stack can echo headers or URLs; none of it may carry the token out.

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 MAX_BODY = 256 * 1024 * 1024
+FORBIDDEN_ORG = "not-yours"  # creating a repository under this namespace is refused (403)
 HUB_TOKEN = "hf_StandInToken0123456789abcdefXYZ"  # what the tests' stand-in accepts
 
 
@@ -104,6 +105,8 @@ class HubStandIn:
 
             def _create(self, payload: dict) -> None:
                 repo_id = f"{payload.get('organization') or 'me'}/{payload['name']}"
+                if payload.get("organization") == FORBIDDEN_ORG:
+                    return self._reply(403, {"error": "You don't have the rights to create a model under this namespace"})
                 with hub._lock:
                     if repo_id in hub.repos:
                         return self._reply(409, {"error": "You already created this model repo"})

@@ -76,6 +76,16 @@ def test_push_with_the_server_token_and_a_wrong_token_is_masked(trained, studio_
     with pytest.raises(AppError) as error:
         client.predict(workspace, "coffee", "alice/other", False, wrong, api_name="/push")
     assert "401" in str(error.value) and wrong not in str(error.value)
+    assert "use a write token" in str(error.value)  # what to do, not the HTTP client's wording
+
+
+def test_push_to_a_namespace_the_token_cannot_write_says_so(trained, studio_server):
+    from tests.hub_standin import FORBIDDEN_ORG
+
+    client, workspace = trained
+    with pytest.raises(AppError, match=rf"may not write to {FORBIDDEN_ORG}/cat \(403 Forbidden\)"):
+        client.predict(workspace, "cat", f"{FORBIDDEN_ORG}/cat", True, HUB_TOKEN, api_name="/push")
+    assert f"{FORBIDDEN_ORG}/cat" not in studio_server.hub.repos
 
 
 def test_push_without_any_token_says_how_to_give_one(trained, monkeypatch):
