@@ -104,7 +104,7 @@ def run_reference(args, pipe, recipe, config, clock) -> None:
 
 
 def step_cost(args, defaults):
-    from pipelines.cost import blora_step_cost
+    from pipelines.blora.cost import blora_step_cost
 
     return blora_step_cost(args.model, args.resolution, rank=args.rank,
                            optimizer="adamw8bit" if defaults["use_8bit_adam"] else "adamw")

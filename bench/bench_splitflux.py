@@ -149,7 +149,7 @@ def run_reference(args, pipe, config, clock) -> int:
 
 
 def step_cost(args, defaults):
-    from pipelines.cost import splitflux_step_cost
+    from pipelines.splitflux.cost import splitflux_step_cost
 
     return splitflux_step_cost(args.model, args.resolution, settings=_settings(args),
                                text_length=_text_length(args.model))

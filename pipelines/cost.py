@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import types
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -288,8 +287,9 @@ def _base_bytes(module: torch.nn.Module, base: str) -> int:
     return total
 
 
-def _cost(recipe: str, model: str, resolution: int, module: torch.nn.Module, trainable, counts: dict, *,
-          base: str, optimizer: str, details: dict) -> StepCost:
+def step_cost(recipe: str, model: str, resolution: int, module: torch.nn.Module, trainable, counts: dict, *,
+              base: str, optimizer: str, details: dict) -> StepCost:
+    """The `StepCost` of a recipe's step from `count_step`'s counts and the module's parameters."""
     n_trainable = sum(p.numel() for p in trainable)
     frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
     details = {**details, "checkpointing_units": counts.pop("units"), "base": base, "optimizer": optimizer}
@@ -311,7 +311,7 @@ def architecture_folder(model: str):
     return config_folder("sdxl-random" if spec.arch == "sdxl" else "flux-random")
 
 
-def _meta_model(model: str, component: str, config) -> torch.nn.Module:
+def meta_model(model: str, component: str, config) -> torch.nn.Module:
     """`model`'s component on the meta device in bf16, from a live model's `config` when one is given."""
     from pipelines.fullsize import build_component, component_class
     from pipelines.models import building_modules
@@ -326,80 +326,14 @@ def _meta_model(model: str, component: str, config) -> torch.nn.Module:
     return built.to(torch.bfloat16)
 
 
-def blora_step_cost(model: str = "sdxl-random", resolution: int = 1024, *, rank: int = 64, base: str = "bf16",
-                    optimizer: str = "adamw", flash: bool = True, unet_config=None) -> StepCost:
-    """One B-LoRA step on `model`'s UNet (or one with `unet_config`) at `resolution` px, batch 1: the recipe's
-    `loss` on the meta device."""
-    from pipelines.blora import BLoRASettings, add_blora_adapter, checkpointing_units
+def __getattr__(name: str):
+    # Each recipe counts its own step, in its package; these names stay importable from here.
+    if name == "blora_step_cost":
+        from pipelines.blora.cost import blora_step_cost
 
-    unet = _meta_model(model, "unet", unet_config)
-    unet.requires_grad_(False)
-    add_blora_adapter(unet, BLoRASettings(rank=rank, resolution=resolution), seed=0)
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()
-    config = unet.config
-    latent = resolution // 8
-    meta = {"device": "meta", "dtype": torch.bfloat16}
-    text_dim = config.cross_attention_dim
-    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return blora_step_cost
+    if name == "splitflux_step_cost":
+        from pipelines.splitflux.cost import splitflux_step_cost
 
-    def step() -> torch.Tensor:
-        noisy = torch.empty(1, config.in_channels, latent, latent, **meta)
-        prediction = unet(noisy, torch.zeros(1, dtype=torch.long, device="meta"),
-                          encoder_hidden_states=torch.empty(1, 77, text_dim, **meta),
-                          added_cond_kwargs={"text_embeds": torch.empty(1, pooled_dim, **meta),
-                                             "time_ids": torch.empty(1, 6, **meta)},
-                          return_dict=False)[0]
-        return F.mse_loss(prediction.float(), torch.empty(prediction.shape, device="meta"))
-
-    with flash_attention_on_meta(flash):
-        counts = count_step(unet, step, checkpointing_units(unet), trainable)
-    return _cost("b-lora", model, resolution, unet, trainable, counts, base=base, optimizer=optimizer,
-                 details={"rank": rank, "latent": [latent, latent]})
-
-
-def splitflux_step_cost(model: str = "flux-random", resolution: int = 1024, *, settings=None,
-                        text_length: int | None = None, base: str = "bf16", optimizer: str = "adamw",
-                        flash: bool = True, transformer_config=None) -> StepCost:
-    """One SplitFlux step on `model`'s transformer (or one with `transformer_config`) at `resolution` px: the
-    recipe's `predict` and losses on the meta device."""
-    from pipelines.splitflux import SplitFluxRecipe, SplitFluxSettings
-
-    settings = settings or SplitFluxSettings(resolution=resolution)
-    transformer = _meta_model(model, "transformer", transformer_config)
-    transformer.requires_grad_(False)
-    recipe = SplitFluxRecipe(types.SimpleNamespace(transformer=transformer), None, settings)
-    recipe.add_adapters()
-    trainable = recipe.trainable_parameters()
-    config = transformer.config
-    text_length = text_length or settings.max_sequence_length
-    side = resolution // 16  # 8x VAE, then 2x2 packing
-    meta = {"device": "meta", "dtype": torch.bfloat16}
-    streams = 2 if settings.style_text == "stream" else 1
-    recipe.prompt_embeds = torch.empty(2, text_length, config.joint_attention_dim, **meta)
-    recipe.pooled = torch.empty(2, config.pooled_projection_dim, **meta)
-    recipe.txt_ids = torch.zeros(text_length, 3, **meta)
-    recipe.img_ids = torch.zeros(side * side, 3, **meta)
-    recipe.checkpointing = False
-    recipe.accelerator = None
-
-    def step() -> torch.Tensor:
-        packed = torch.empty(1, side * side, config.in_channels, **meta)
-        guidance = torch.ones(1, device="meta") if config.guidance_embeds else None
-        prediction = recipe.predict(packed, torch.ones(1, device="meta"), guidance)
-        loss = F.mse_loss(prediction.float(), torch.empty(prediction.shape, device="meta"))
-        if settings.complementary_weight > 0 and recipe.gated_layers():
-            loss = loss + settings.complementary_weight * recipe.complementary_loss()
-        return loss
-
-    units = [transformer.single_transformer_blocks[i] for i in range(min(settings.trained_blocks),
-                                                                      len(transformer.single_transformer_blocks))]
-    try:
-        with flash_attention_on_meta(flash):
-            counts = count_step(transformer, step, units, trainable)
-    finally:
-        recipe.remove_adapters()
-    return _cost("splitflux", model, resolution, transformer, trainable, counts, base=base, optimizer=optimizer,
-                 details={"rank": settings.rank, "text_length": text_length, "image_tokens": side * side,
-                          "streams": streams})
+        return splitflux_step_cost
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

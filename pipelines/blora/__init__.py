@@ -204,7 +204,7 @@ class BLoRARecipe:
 
     def step_cost(self, levers: dict):
         """The cost model's view of one step of this run (`pipelines/cost.py`)."""
-        from pipelines.cost import blora_step_cost
+        from pipelines.blora.cost import blora_step_cost
 
         return blora_step_cost(resolution=self.settings.resolution, rank=self.settings.rank,
                                optimizer="adamw8bit" if levers["use_8bit_adam"] else "adamw",

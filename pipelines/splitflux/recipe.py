@@ -218,7 +218,7 @@ class SplitFluxRecipe:
 
     def step_cost(self, levers: dict):
         """The cost model's view of one step of this run (`pipelines/cost.py`)."""
-        from pipelines.cost import splitflux_step_cost
+        from pipelines.splitflux.cost import splitflux_step_cost
 
         s = self.settings
         return splitflux_step_cost(resolution=s.resolution, settings=s, text_length=s.max_sequence_length,
