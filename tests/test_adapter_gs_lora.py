@@ -116,7 +116,7 @@ def test_the_adam_proximal_step_thresholds_each_group_in_adams_step_size():
             p.mul_(0.01)
     params = [p for ps in groups.values() for p in ps]
     optimizer = torch.optim.AdamW(params, lr=0.01, weight_decay=0.0)
-    proximal = AdamGroupProximal(model, "gs", learning_rate=0.01)
+    proximal = AdamGroupProximal(model, "gs", optimizer)
     generator = torch.Generator().manual_seed(3)
     for _ in range(3):  # blocks.0 gets gradients 100 times larger than blocks.1
         for group, ps in groups.items():

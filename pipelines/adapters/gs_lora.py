@@ -187,31 +187,28 @@ class AdamGroupProximal:
     NeurIPS 2021). Block soft-thresholding has a closed form only for one step size per group, so each group
     takes lr * alpha / (sqrt(mean_g v_hat) + eps), its gradients' bias-corrected root mean square: a group the
     data term barely needs has small gradients and so a large threshold, and goes to exactly zero, while a
-    group it needs keeps a small one. Call `step(alpha)` after each optimiser step, while the gradients of that
-    step are still on the parameters (the same clipped gradients Adam used); the second moment is tracked here
-    with Adam's beta2 and eps, so it matches the optimiser's. Returns the groups now zero."""
+    group it needs keeps a small one. Call `step(alpha)` after each step of `optimizer` (a torch Adam or AdamW
+    holding the adapter's parameters): v, its step count, lr, beta2 and eps are read from the optimiser itself,
+    so they are the ones it used (a learning-rate schedule included). Returns the groups now zero."""
 
-    def __init__(self, model: nn.Module, name: str, learning_rate: float, beta2: float = 0.999,
-                 eps: float = 1e-8) -> None:
-        self.model, self.name = model, name
-        self.learning_rate, self.beta2, self.eps = learning_rate, beta2, eps
-        self.second_moment = dict.fromkeys(lora_groups(model, name), 0.0)
-        self.steps = 0
+    def __init__(self, model: nn.Module, name: str, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.name, self.optimizer = model, name, optimizer
+        self._group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
 
     @torch.no_grad()
     def thresholds(self, alpha: float) -> dict[str, float]:
-        """{group: lr * alpha / (sqrt(v_hat_g) + eps)} with the second moments seen so far."""
-        correction = 1.0 - self.beta2 ** max(self.steps, 1)
-        return {group: self.learning_rate * alpha / (math.sqrt(v / correction) + self.eps)
-                for group, v in self.second_moment.items()}
+        """{group: lr * alpha / (sqrt(v_hat_g) + eps)} from the optimiser's second moments after its last step."""
+        out = {}
+        for block, params in lora_groups(self.model, self.name).items():
+            settings = self._group_of[id(params[0])]
+            states = [self.optimizer.state.get(p, {}) for p in params]
+            square = sum(float(s["exp_avg_sq"].float().sum()) for s in states if "exp_avg_sq" in s)
+            steps = max([int(s["step"]) for s in states if "step" in s] or [1])
+            v = square / sum(p.numel() for p in params) / (1.0 - settings["betas"][1] ** steps)
+            out[block] = settings["lr"] * alpha / (math.sqrt(v) + settings["eps"])
+        return out
 
-    @torch.no_grad()
     def step(self, alpha: float) -> list[str]:
-        self.steps += 1
-        for group, params in lora_groups(self.model, self.name).items():
-            grads = [p.grad for p in params if p.grad is not None]
-            square = float(sum(g.float().pow(2).sum() for g in grads) / sum(p.numel() for p in params))
-            self.second_moment[group] = self.beta2 * self.second_moment[group] + (1 - self.beta2) * square
         return proximal_group_step(self.model, self.name, self.thresholds(alpha)) if alpha else []
 
 

@@ -55,13 +55,15 @@ def _draw(data: Any, batch_size: int, generator: torch.Generator) -> Iterator[An
 def fit(model: nn.Module, params: Iterable[nn.Parameter], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
         batches: Any, steps: int, lr: float, progress: Progress | None = None, *, batch_size: int = 32,
         weight_decay: float = 0.0, max_grad_norm: float | None = 1.0, seed: int = 0, message: str = "training",
-        on_step: Callable[[int, float], None] | None = None) -> list[float]:
+        on_step: Callable[[int, float], None] | None = None,
+        optimizer: torch.optim.Optimizer | None = None) -> list[float]:
     """Train `params` (and only them) for `steps` AdamW steps; return the loss of every step.
 
     `batches` is a data set (`LabData`, `LMTask`: anything with `len()` and `take(index)`) drawn in a seeded
     shuffled order, or a function `batches(generator) -> batch`. `loss_fn(model, batch)` returns the loss.
     `progress` gets a report every step (its cancel request raises `LabCancelled` there); `on_step(step, loss)`
     is called after each step (1-based), for methods that act between steps (a proximal update, a schedule).
+    `optimizer` replaces the AdamW made here, for a method that reads its state between steps.
     The model's train/eval mode is restored afterwards.
     """
     params = list(params)
@@ -69,7 +71,7 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], loss_fn: Callable[[nn.
         raise ValueError("fit was given no parameters to train")
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     draw = _draw(batches, batch_size, torch.Generator().manual_seed(seed))
     was_training = model.training
     model.train()

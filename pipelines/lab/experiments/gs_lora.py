@@ -200,7 +200,9 @@ def update_norms(model: nn.Module, name: str) -> dict[str, float]:
 def _forget(model: ImageClassifier, name: str, remain: LabData, forget: LabData, prototypes: torch.Tensor | None,
             settings: GSLoRASettings, progress: Progress, message: str) -> list[float]:
     step = [0]
-    proximal = AdamGroupProximal(model, name, settings.learning_rate)
+    params = trainable_parameters(model, name)
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.05)  # the official decay
+    proximal = AdamGroupProximal(model, name, optimizer)
 
     def draw(generator: torch.Generator) -> tuple[LabData, LabData]:
         pick = [data.take(torch.randint(len(data), (settings.batch_size,), generator=generator))
@@ -223,10 +225,8 @@ def _forget(model: ImageClassifier, name: str, remain: LabData, forget: LabData,
         if settings.sparsity == "proximal":
             proximal.step(alpha)
 
-    # AdamW with the official weight decay 0.05.
-    return fit(model, trainable_parameters(model, name), loss_fn, draw, settings.steps_per_task,
-               settings.learning_rate, progress, weight_decay=0.05, seed=settings.seed, message=message,
-               on_step=on_step)
+    return fit(model, params, loss_fn, draw, settings.steps_per_task, settings.learning_rate, progress,
+               weight_decay=0.05, seed=settings.seed, message=message, on_step=on_step, optimizer=optimizer)
 
 
 def _result(settings: GSLoRASettings, tasks: list[tuple[int, ...]], per_class: list[list[float]],
